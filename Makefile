@@ -1,0 +1,49 @@
+# Loom: two commands from a fresh clone -> `make demo`, `make test`.
+PY ?= python3.11
+VENV := .venv
+VENV_LS := .venv-ls
+STAMP := $(VENV)/.installed
+STAMP_LS := $(VENV_LS)/.installed
+LS_VERSION := 1.23.2
+
+.PHONY: setup demo test test-unit test-integration test-e2e lint format bench clean
+
+setup: $(STAMP) $(STAMP_LS)
+
+# Rebuilt only when the project's dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	@touch $@
+
+# Label Studio pins Django-era libraries that conflict with Prefect 3: it lives apart.
+$(STAMP_LS):
+	@test -x $(VENV_LS)/bin/python || $(PY) -m venv $(VENV_LS)
+	$(VENV_LS)/bin/pip install -q --upgrade pip
+	$(VENV_LS)/bin/pip install -q "label-studio==$(LS_VERSION)"
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/loom demo
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests/unit
+	$(VENV)/bin/python -m pytest -q tests/integration tests/e2e
+
+test-unit: setup
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(VENV)/bin/python -m loom.bench
+
+clean:
+	rm -rf $(VENV) $(VENV_LS) workspace

@@ -1,0 +1,104 @@
+"""One flywheel round as a Prefect flow: a readable sequence of task calls (see DESIGN.md, "One round")."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from loom.config import load_settings
+from tasks.ingest import ingest
+from tasks.pseudo_label import pseudo_label
+from tasks.review import pull_corrections, push_for_review, select_for_review, wait_for_review
+from tasks.track import log_and_promote
+from tasks.train import evaluate_student, train_student
+from tasks.version import next_round_number, version_round
+
+
+class StepClock:
+    """Wall time per step, for the round record and BENCHMARKS.md."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+@flow(name="flywheel-round")
+def flywheel_round(
+    workspace: str | None = None,
+    source: str | None = None,
+    review_budget: int | None = None,
+    review_timeout_s: float | None = None,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """Ingest new images from ``source`` (optional), label, review, train, evaluate, promote, version."""
+    settings = load_settings(
+        workspace, review_budget=review_budget, review_timeout_s=review_timeout_s, epochs=epochs
+    )
+    round_no = next_round_number(settings)
+    clock = StepClock()
+    with clock.step("ingest"):
+        ingested = ingest(settings, source, round_no)
+    with clock.step("pseudo_label"):
+        labels = pseudo_label(settings, round_no)
+    with clock.step("select"):
+        selection = select_for_review(settings, labels)
+    with clock.step("push_to_label_studio"):
+        project_id, task_ids = push_for_review(settings, labels, selection)
+    with clock.step("wait_for_review"):
+        wait_for_review(settings, project_id, task_ids)
+    with clock.step("pull_corrections"):
+        review = pull_corrections(settings, project_id)
+    with clock.step("train"):
+        student = train_student(settings, round_no)
+    with clock.step("evaluate"):
+        evaluation = evaluate_student(settings, student)
+    with clock.step("log_and_promote"):
+        promotion = log_and_promote(settings, round_no, student, evaluation, asdict(settings.round))
+
+    record = {
+        "round": round_no,
+        "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "label_studio": {"project_id": project_id, "task_ids": task_ids},
+        "mlflow": asdict(promotion),
+        "counts": {
+            "ingested": len(ingested.added) if ingested else 0,
+            "quarantined": len(ingested.quarantined) if ingested else 0,
+            "duplicates": len(ingested.duplicates) if ingested else 0,
+            "sent_to_review": len(selection.review),
+            "reviewed": review.reviewed,
+            "pending_review": review.pending,
+            "malformed_annotations": len(review.malformed),
+            "auto_accepted": len(selection.auto_accepted),
+            "synthetic": 0,
+            "train_human": student.n_human,
+            "train_pseudo": student.n_pseudo,
+            "test": evaluation.n_test,
+        },
+        "metrics": evaluation.metrics,
+        "params": asdict(settings.round),
+        "teacher": {"model_version": labels.model_version, "image_threshold": labels.image_threshold},
+        "summary": f"{len(selection.review)} sent to review, {evaluation.metrics.get('miou', float('nan')):.3f} mIoU",
+    }
+    with clock.step("version"):
+        record["step_seconds"] = clock.seconds  # everything but versioning itself
+        version = version_round(settings, round_no, record)
+    record["step_seconds"] = clock.seconds
+    record["git"] = version
+    get_run_logger().info("round %d done: %s", round_no, record["summary"])
+    return record
+
+
+if __name__ == "__main__":
+    flywheel_round()

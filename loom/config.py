@@ -1,0 +1,209 @@
+"""One place for paths and settings.
+
+Everything Loom writes lives under one workspace directory (``LOOM_WORKSPACE``, default ``./workspace``):
+
+```
+workspace/
+  .git, .dvc           the workspace's own git + DVC repo (never the project's)
+  data/                DVC-tracked: images/, masks/, captions/, pseudo/, manifest.parquet, quarantine/
+  rounds/NNNN/         round.json per round (git-tracked)
+  dvc-remote/          default DVC remote (a local directory)
+  stack/               server state: labelstudio/, prefect/, mlflow/, pids, logs (git-ignored)
+```
+Settings come from dataclass defaults, overridden by ``params.yaml`` (workspace first, else project root)
+and by ``LOOM_*`` environment variables for ports and secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+#: Default fabric defect classes; index k in a mask is DEFAULT_CLASSES[k - 1], 0 is background.
+DEFAULT_CLASSES: tuple[str, ...] = ("hole", "stain", "broken_yarn", "knot", "misweave", "defect")
+
+
+@dataclass(frozen=True)
+class Ports:
+    label_studio: int = 8080
+    prefect: int = 4200
+    mlflow: int = 5000
+    backend: int = 9090
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """Knobs of one flywheel round (editable as Prefect deployment parameters)."""
+
+    review_budget: int = 16  # images sent to people per round
+    review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
+    confident_low: float = 0.15  # pseudo-labels with uncertainty below this are auto-accepted
+    teacher: str = "backbone"
+    student: str = "fpn"
+    image_size: int = 256
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    promote_metric: str = "miou"
+
+
+@dataclass(frozen=True)
+class Settings:
+    workspace: Path
+    classes: tuple[str, ...] = DEFAULT_CLASSES
+    project_title: str = "Loom fabric inspection"
+    registered_model: str = "loom-student"
+    ports: Ports = field(default_factory=Ports)
+    round: RoundParams = field(default_factory=RoundParams)
+
+    # ---- paths -------------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.workspace / "data"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def masks_dir(self) -> Path:
+        return self.data_dir / "masks"
+
+    @property
+    def captions_dir(self) -> Path:
+        return self.data_dir / "captions"
+
+    @property
+    def pseudo_dir(self) -> Path:
+        return self.data_dir / "pseudo"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.data_dir / "manifest.parquet"
+
+    @property
+    def rounds_dir(self) -> Path:
+        return self.workspace / "rounds"
+
+    @property
+    def dvc_remote_dir(self) -> Path:
+        return self.workspace / "dvc-remote"
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.workspace / "stack"
+
+    @property
+    def models_dir(self) -> Path:
+        """Trained student checkpoints (config + safetensors), one folder per round."""
+        return self.stack_dir / "models"
+
+    def round_dir(self, round_no: int) -> Path:
+        return self.rounds_dir / f"{round_no:04d}"
+
+    # ---- services ------------------------------------------------------------------------------
+    @property
+    def label_studio_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.label_studio}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.prefect}/api"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        """MLflow talks straight to the sqlite store: no server needed to log or load."""
+        return f"sqlite:///{self.stack_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts_dir(self) -> Path:
+        return self.stack_dir / "mlflow" / "artifacts"
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.mlflow}"
+
+    @property
+    def label_studio_admin(self) -> str:
+        return os.environ.get("LOOM_LS_ADMIN", "admin@loom.local")
+
+    @property
+    def label_studio_password(self) -> str:
+        return os.environ.get("LOOM_LS_PASSWORD") or workspace_secret(self, "LOOM_LS_PASSWORD")
+
+    @property
+    def label_studio_token(self) -> str:
+        """Admin API token: from the environment, else generated once into the workspace (mode 0600)."""
+        return os.environ.get("LOOM_LS_TOKEN") or workspace_secret(self, "LOOM_LS_TOKEN")
+
+    def class_index(self, name: str) -> int:
+        """Mask value of a class name (1-based); unknown names map to the generic ``defect``."""
+        names = list(self.classes)
+        return names.index(name) + 1 if name in names else names.index("defect") + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["workspace"] = str(self.workspace)
+        return d
+
+
+def workspace_secret(settings: Settings, key: str) -> str:
+    """Read (or create) a random secret kept in ``stack/secrets.env``, never in code or logs."""
+    path = settings.stack_dir / "secrets.env"
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line:
+                k, v = line.split("=", 1)
+                values[k.strip()] = v.strip()
+    if key not in values:
+        values[key] = secrets.token_hex(20)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+    return values[key]
+
+
+def _merge(cls: type, base: Any, overrides: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"params.yaml: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    return cls(**{**asdict(base), **overrides})
+
+
+def load_settings(workspace: str | Path | None = None, **round_overrides: Any) -> Settings:
+    """Settings for a workspace: defaults < params.yaml < LOOM_* environment < keyword overrides."""
+    ws = Path(workspace or os.environ.get("LOOM_WORKSPACE", "workspace")).resolve()
+    params: dict[str, Any] = {}
+    for candidate in (ws / "params.yaml", PROJECT_ROOT / "params.yaml"):
+        if candidate.exists():
+            params = yaml.safe_load(candidate.read_text()) or {}
+            break
+    ports = _merge(Ports, Ports(), params.get("ports", {}))
+    env_ports = {
+        "label_studio": os.environ.get("LOOM_LS_PORT"),
+        "prefect": os.environ.get("LOOM_PREFECT_PORT"),
+        "mlflow": os.environ.get("LOOM_MLFLOW_PORT"),
+        "backend": os.environ.get("LOOM_BACKEND_PORT"),
+    }
+    ports = _merge(Ports, ports, {k: int(v) for k, v in env_ports.items() if v})
+    rnd = _merge(RoundParams, RoundParams(), params.get("round", {}))
+    rnd = _merge(RoundParams, rnd, {k: v for k, v in round_overrides.items() if v is not None})
+    top = {k: v for k, v in params.items() if k not in ("ports", "round", "dataset", "demo")}
+    if "classes" in top:
+        top["classes"] = tuple(top["classes"])
+    return Settings(workspace=ws, ports=ports, round=rnd, **top)

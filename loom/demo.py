@@ -1,0 +1,168 @@
+"""`loom demo`: the whole flywheel on the embedded fabric dataset, with a simulated annotator, on loopback.
+
+Each round a new batch of "camera" images arrives in ``workspace/incoming/batch-NN``; the first batch
+also carries the frozen, human-verified test split. The simulated annotator (a second Label Studio
+user) corrects the teacher's pre-annotations from the generator's ground truth, as a person would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from loom import labelstudio, stack
+from loom.annotator import SimulatedAnnotator
+from loom.config import PROJECT_ROOT, Settings, workspace_secret
+from loom.datasets.fabric import generate
+from loom.imageio import read_mask
+from loom.runner import run_round
+
+log = logging.getLogger(__name__)
+
+ANNOTATOR_EMAIL = "annotator@loom.local"
+
+
+def dataset_params() -> dict[str, Any]:
+    return (yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text()) or {}).get("dataset", {})
+
+
+def make_batches(settings: Settings, rounds: int, n_images: int | None = None) -> list[Path]:
+    """Batch 1: the dataset with its frozen test split; later batches: new unlabeled train images."""
+    p = dataset_params()
+    n = n_images or int(p.get("n_images", 240))
+    size, seed = int(p.get("size", 256)), int(p.get("seed", 0))
+    batches = []
+    for r in range(1, rounds + 1):
+        out = settings.workspace / "incoming" / f"batch-{r:02d}"
+        if not (out / "manifest.parquet").exists():
+            generate(
+                out,
+                n_images=n if r == 1 else max(n // 2, 8),
+                size=size,
+                defect_fraction=float(p.get("defect_fraction", 0.3)),
+                test_fraction=float(p.get("test_fraction", 0.25)) if r == 1 else 0.0,
+                seed=seed + 1000 * (r - 1),
+            )
+        batches.append(out)
+    return batches
+
+
+class GroundTruth:
+    """image_id -> ground-truth class mask, read from the generated batches (the annotator's "eyes")."""
+
+    def __init__(self, batches: list[Path], n_classes: int) -> None:
+        self.paths: dict[str, Path] = {}
+        self.n_classes = n_classes
+        for b in batches:
+            m = pd.read_parquet(b / "manifest.parquet")
+            for image_id, path in zip(m["image_id"], m["path"], strict=True):
+                self.paths[image_id] = b / "masks" / (Path(path).stem + ".png")
+
+    def __call__(self, image_id: str) -> np.ndarray | None:
+        path = self.paths.get(image_id)
+        return read_mask(path, self.n_classes) if path and path.exists() else None
+
+
+def round_row(record: dict[str, Any], seconds: float) -> dict[str, Any]:
+    c, m = record["counts"], record["metrics"]
+    return {
+        "round": record["round"],
+        "ingested": c["ingested"],
+        "quarantined": c["quarantined"],
+        "reviewed": c["reviewed"],
+        "auto_accepted": c["auto_accepted"],
+        "miou": m.get("miou", float("nan")),
+        "pixel_auroc": m.get("pixel_auroc", float("nan")),
+        "promoted": record["mlflow"]["promoted"],
+        "wall_s": seconds,
+    }
+
+
+def print_table(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title="Loom flywheel")
+    for col in (
+        "round",
+        "ingested",
+        "reviewed",
+        "auto-accepted",
+        "student mIoU",
+        "pixel AUROC",
+        "champion",
+        "wall time",
+    ):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            str(r["round"]),
+            str(r["ingested"]),
+            str(r["reviewed"]),
+            str(r["auto_accepted"]),
+            f"{r['miou']:.3f}",
+            f"{r['pixel_auroc']:.3f}",
+            "yes" if r["promoted"] else "no",
+            f"{r['wall_s']:.0f} s",
+        )
+    console.print(table)
+
+
+def run_demo(
+    settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
+) -> list[dict]:
+    console = Console()
+    start = time.perf_counter()
+    console.print(f"[bold]Loom demo[/bold] in {settings.workspace}: {rounds} rounds")
+    batches = make_batches(settings, rounds, n_images)
+    console.print(f"embedded fabric dataset: {len(batches)} batches in {settings.workspace / 'incoming'}")
+    status = stack.up(settings)
+    console.print(status.table())
+
+    token = labelstudio.invite_annotator(
+        settings, ANNOTATOR_EMAIL, workspace_secret(settings, "LOOM_DEMO_ANNOTATOR_PASSWORD")
+    )
+    project_id = labelstudio.ensure_project(settings)
+    annotator = SimulatedAnnotator(
+        settings, token, GroundTruth(batches, len(settings.classes)), settings.classes
+    )
+    stop = annotator.run_in_background(project_id)
+
+    rows, records = [], []
+    try:
+        for r, batch in enumerate(batches, start=1):
+            t0 = time.perf_counter()
+            record = run_round(settings, source=batch, review_timeout_s=900)
+            rows.append(round_row(record, time.perf_counter() - t0))
+            records.append(record)
+            print_table(rows, console)
+    finally:
+        stop.set()
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {
+        "rounds": rows,
+        "step_seconds": [r["step_seconds"] for r in records],
+        "peak_rss_mb": peak_mb,
+        "total_s": time.perf_counter() - start,
+        "corrections": len(annotator.corrections),
+    }
+    (settings.workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"peak memory of the demo process: {peak_mb:.0f} MB; total {summary['total_s']:.0f} s")
+    console.print(
+        f"Label Studio: {labelstudio.task_url(settings, project_id, None)}  (admin {settings.label_studio_admin})"
+    )
+    console.print(f"Prefect UI:   http://{settings.ports.host}:{settings.ports.prefect}")
+    console.print(f"MLflow UI:    {settings.mlflow_ui_url}")
+    if not keep_running:
+        stack.down(settings)
+    else:
+        console.print("servers keep running: `loom down` stops them")
+    return rows

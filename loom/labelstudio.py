@@ -1,0 +1,515 @@
+"""Label Studio adapter: the project, review tasks with brush-mask pre-annotations, and corrections back.
+
+Masks travel as Label Studio brush results in its RLE format. A class-index mask (H, W) uint8 with
+0 = background and k = ``classes[k - 1]`` becomes one ``brushlabels`` result per class present; pulling
+annotations back reverses that exactly. Images are served to the annotators from the workspace through
+Label Studio's local-files storage (the server's document root is the workspace).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import numpy as np
+import requests
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.converter.brush import InputStream, bytes2bit, decode_rle, mask2rle
+from label_studio_sdk.core.api_error import ApiError
+
+from loom.config import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Distinct colours for the class labels (cycled when there are more classes).
+_PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#9a6324")
+_IMPORT_BATCH = 100
+_PAGE_SIZE = 100
+_HTTP_TIMEOUT_S = 30.0
+_STORAGE_TITLE = "Loom images"
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio cannot be reached, rejects a request, or holds a project Loom cannot use."""
+
+
+class MalformedAnnotation(ValueError):
+    """An annotation result that cannot be turned into a class mask (the message says why)."""
+
+
+# ---- labeling config ---------------------------------------------------------------------------
+
+
+def label_config(classes: Sequence[str]) -> str:
+    """Labeling config: brush masks per class, plus smart key points for click-to-mask help."""
+    brush = "".join(
+        f'    <Label value="{name}" background="{_PALETTE[i % len(_PALETTE)]}"/>\n'
+        for i, name in enumerate(classes)
+    )
+    clicks = "".join(
+        f'    <Label value="{name}" smart="true" background="{_PALETTE[i % len(_PALETTE)]}"/>\n'
+        for i, name in enumerate(classes)
+    )
+    return (
+        "<View>\n"
+        '  <Image name="image" value="$image" zoom="true"/>\n'
+        '  <BrushLabels name="mask" toName="image">\n'
+        f"{brush}"
+        "  </BrushLabels>\n"
+        '  <KeyPointLabels name="click" toName="image" smart="true">\n'
+        f"{clicks}"
+        "  </KeyPointLabels>\n"
+        "</View>\n"
+    )
+
+
+def _config_classes(config: str) -> list[str]:
+    """Class names of the BrushLabels control in a labeling config."""
+    root = ET.fromstring(config)
+    brush = root.find(".//BrushLabels")
+    return [] if brush is None else [label.get("value", "") for label in brush.findall("Label")]
+
+
+# ---- connection and project --------------------------------------------------------------------
+
+
+def connect(settings: Settings, token: str | None = None) -> LabelStudio:
+    """An SDK client for the workspace's Label Studio, after checking the server answers.
+
+    Raises:
+        LabelStudioError: the server is unreachable or rejects the token.
+    """
+    url = settings.label_studio_url
+    try:
+        health = requests.get(f"{url}/health", timeout=10)
+    except requests.RequestException as exc:
+        raise LabelStudioError(
+            f"Label Studio at {url} is unreachable ({type(exc).__name__}). "
+            "Start the local stack with `loom up`, or check LOOM_LS_PORT."
+        ) from exc
+    if health.status_code != 200:
+        raise LabelStudioError(
+            f"Label Studio at {url} answered /health with HTTP {health.status_code}; "
+            "is another service on that port? Check LOOM_LS_PORT or restart with `loom up`."
+        )
+    client = LabelStudio(base_url=url, api_key=token or settings.label_studio_token, timeout=_HTTP_TIMEOUT_S)
+    try:
+        client.users.whoami()
+    except ApiError as exc:
+        if exc.status_code not in (401, 403):
+            raise LabelStudioError(
+                f"Label Studio at {url} failed to answer who the token belongs to: {exc}"
+            ) from exc
+        raise LabelStudioError(
+            f"Label Studio at {url} rejected the API token (HTTP {exc.status_code}). Set LOOM_LS_TOKEN to "
+            "the token the server was started with (`loom up` starts it with the workspace's token)."
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise LabelStudioError(f"Label Studio at {url} stopped answering ({type(exc).__name__}).") from exc
+    return client
+
+
+def ensure_project(settings: Settings, client: LabelStudio | None = None) -> int:
+    """Id of the project titled ``settings.project_title``, created with Loom's labeling config if missing.
+
+    Also makes sure the project has a local-files storage on ``settings.images_dir`` so the task images
+    resolve. Calling it again changes nothing.
+
+    Raises:
+        LabelStudioError: a project with that title exists but labels other classes.
+    """
+    client = client or connect(settings)
+    projects = client.projects.list(page_size=_PAGE_SIZE)
+    project = next((p for p in projects if p.title == settings.project_title), None)
+    if project is None:
+        project = client.projects.create(
+            title=settings.project_title, label_config=label_config(settings.classes)
+        )
+        logger.info("Created Label Studio project %d %r", project.id, settings.project_title)
+    else:
+        found = _config_classes(client.projects.get(id=project.id).label_config or "<View/>")
+        if sorted(found) != sorted(settings.classes):
+            raise LabelStudioError(
+                f"Label Studio project {project.id} {settings.project_title!r} labels classes {found}, "
+                f"but this workspace uses {list(settings.classes)}. Set another project_title in params.yaml "
+                "or make the classes match."
+            )
+    _ensure_local_storage(settings, client, project.id)
+    return int(project.id)
+
+
+def _ensure_local_storage(settings: Settings, client: LabelStudio, project_id: int) -> None:
+    """Label Studio serves a local file only when a storage of the project covers its folder."""
+    images_dir = settings.images_dir.resolve()
+    storages = client.import_storage.local.list(project=project_id)
+    if any(s.path and s.path.rstrip("/") == str(images_dir) for s in storages):
+        return
+    images_dir.mkdir(parents=True, exist_ok=True)
+    client.import_storage.local.create(
+        project=project_id,
+        path=str(images_dir),
+        title=_STORAGE_TITLE,
+        use_blob_urls=True,
+        regex_filter=r".*\.png$",
+    )
+    logger.info("Added local-files storage %s to project %d", images_dir, project_id)
+
+
+def image_url(settings: Settings, image_id: str) -> str:
+    """The task's image URL, relative to the server's document root (the workspace)."""
+    rel = (settings.images_dir / f"{image_id}.png").resolve().relative_to(settings.workspace.resolve())
+    return f"/data/local-files/?d={rel.as_posix()}"
+
+
+def task_url(settings: Settings, project_id: int, task_id: int | None = None) -> str:
+    """Link a person can open: the task in the project's data manager (the project itself without a task)."""
+    url = f"{settings.label_studio_url}/projects/{project_id}/data"
+    return url if task_id is None else f"{url}?task={task_id}"
+
+
+# ---- masks <-> brush results -------------------------------------------------------------------
+
+
+def mask_to_results(
+    mask: np.ndarray, classes: Sequence[str], from_name: str = "mask", to_name: str = "image"
+) -> list[dict[str, Any]]:
+    """Brush results for a class-index mask.
+
+    Args:
+        mask: (H, W) integer mask, 0 = background, k = ``classes[k - 1]``.
+        classes: the project's class names.
+
+    Returns:
+        One ``brushlabels`` result (RLE) per class present, in class order; empty for an all-background mask.
+    """
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be (H, W), got shape {mask.shape}")
+    if mask.size and int(mask.max()) > len(classes):
+        raise ValueError(f"mask holds class id {int(mask.max())} but only {len(classes)} classes are known")
+    height, width = mask.shape
+    results = []
+    for class_id in np.unique(mask):
+        if class_id == 0:
+            continue
+        binary = np.where(mask == class_id, 255, 0).astype(np.uint8)
+        results.append(
+            {
+                "id": uuid.uuid4().hex[:10],
+                "type": "brushlabels",
+                "from_name": from_name,
+                "to_name": to_name,
+                "original_width": int(width),
+                "original_height": int(height),
+                "image_rotation": 0,
+                "value": {
+                    "format": "rle",
+                    "rle": mask2rle(binary),
+                    "brushlabels": [classes[int(class_id) - 1]],
+                },
+            }
+        )
+    return results
+
+
+def results_to_mask(
+    results: Sequence[Mapping[str, Any]], height: int, width: int, classes: Sequence[str]
+) -> np.ndarray:
+    """Class-index mask (height, width) uint8 from brush results; later results win where regions overlap.
+
+    Results of other types (the smart key points) are ignored.
+
+    Raises:
+        MalformedAnnotation: bad RLE, a size other than (height, width), or a label outside ``classes``.
+    """
+    mask = np.zeros((height, width), dtype=np.uint8)
+    if not isinstance(results, Sequence) or isinstance(results, str):
+        raise MalformedAnnotation(f"result must be a list of regions, got {type(results).__name__}")
+    for index, result in enumerate(results):
+        if not isinstance(result, Mapping):
+            raise MalformedAnnotation(
+                f"result {index}: a region must be an object, got {type(result).__name__}"
+            )
+        if result.get("type") != "brushlabels":
+            continue
+        value = result.get("value") or {}
+        labels = value.get("brushlabels") or []
+        if len(labels) != 1:
+            raise MalformedAnnotation(f"result {index}: expected one brush label, got {labels!r}")
+        if labels[0] not in classes:
+            raise MalformedAnnotation(f"result {index}: unknown label {labels[0]!r}; known: {list(classes)}")
+        size = (result.get("original_height"), result.get("original_width"))
+        if size != (height, width):
+            raise MalformedAnnotation(
+                f"result {index}: drawn on a {size[0]}x{size[1]} image, but the image is {height}x{width}"
+            )
+        if value.get("format", "rle") != "rle":
+            raise MalformedAnnotation(f"result {index}: brush format {value.get('format')!r} is not 'rle'")
+        region = _decode_region(value.get("rle"), height, width, index)
+        mask[region] = classes.index(labels[0]) + 1
+    return mask
+
+
+def _decode_region(rle: Any, height: int, width: int, index: int) -> np.ndarray:
+    """Boolean (height, width) region of one brush RLE, validated before decoding."""
+    if not isinstance(rle, list) or not rle or not all(isinstance(b, int) and 0 <= b <= 255 for b in rle):
+        raise MalformedAnnotation(f"result {index}: RLE must be a non-empty list of byte values")
+    expected = height * width * 4  # RGBA values
+    if len(rle) < 4 or InputStream(bytes2bit(rle[:4])).read(32) != expected:
+        # Checked first: the header's count sizes the decoder's buffer, and a bad one could be huge.
+        raise MalformedAnnotation(f"result {index}: RLE does not describe a {height}x{width} image")
+    try:
+        decoded = decode_rle(rle)
+    except (ValueError, IndexError) as exc:
+        raise MalformedAnnotation(f"result {index}: RLE is truncated or corrupt ({exc})") from exc
+    return decoded.reshape(height, width, 4)[:, :, 3] > 0
+
+
+# ---- tasks and predictions ---------------------------------------------------------------------
+
+
+@dataclass
+class TaskItem:
+    """One image to review: the teacher's mask (H, W) uint8 class ids, its score and provenance."""
+
+    image_id: str
+    mask: np.ndarray
+    score: float
+    model_version: str
+    round_no: int
+
+
+def _iter_tasks(client: LabelStudio, project_id: int, fields: str = "task_only") -> Iterator[Any]:
+    yield from client.tasks.list(project=project_id, fields=fields, page_size=_PAGE_SIZE)
+
+
+def _task_image_ids(client: LabelStudio, project_id: int) -> dict[str, int]:
+    """image_id -> task id of the project's tasks (the first task wins if an image appears twice)."""
+    found: dict[str, int] = {}
+    for task in _iter_tasks(client, project_id):
+        image_id = (task.data or {}).get("image_id")
+        if image_id is not None:
+            found.setdefault(str(image_id), int(task.id))
+    return found
+
+
+def push_tasks(
+    settings: Settings, project_id: int, items: Sequence[TaskItem], client: LabelStudio | None = None
+) -> dict[str, int]:
+    """Create review tasks with the masks as predictions; images already in the project are not added again.
+
+    Returns:
+        image_id -> task id for every item (existing tasks included).
+    """
+    client = client or connect(settings)
+    task_ids = _task_image_ids(client, project_id)
+    new_items = list({item.image_id: item for item in items if item.image_id not in task_ids}.values())
+    for start in range(0, len(new_items), _IMPORT_BATCH):
+        batch = new_items[start : start + _IMPORT_BATCH]
+        response = client.projects.import_tasks(
+            id=project_id, request=[_task_payload(settings, item) for item in batch], return_task_ids=True
+        )
+        created = list(getattr(response, "task_ids", None) or [])
+        if len(created) == len(batch):
+            task_ids.update({item.image_id: int(tid) for item, tid in zip(batch, created, strict=True)})
+        else:  # the server did not say which id is which: read them back
+            task_ids = _task_image_ids(client, project_id)
+        logger.info("Imported %d review tasks into project %d", len(batch), project_id)
+    missing = [item.image_id for item in items if item.image_id not in task_ids]
+    if missing:
+        raise LabelStudioError(f"Label Studio project {project_id} did not create tasks for {missing[:5]}")
+    return {item.image_id: task_ids[item.image_id] for item in items}
+
+
+def _task_payload(settings: Settings, item: TaskItem) -> dict[str, Any]:
+    return {
+        "data": {
+            "image": image_url(settings, item.image_id),
+            "image_id": item.image_id,
+            "round": item.round_no,
+        },
+        "predictions": [
+            {
+                "model_version": item.model_version,
+                "score": float(item.score),
+                "result": mask_to_results(item.mask, settings.classes),
+            }
+        ],
+    }
+
+
+# ---- annotations back --------------------------------------------------------------------------
+
+
+@dataclass
+class PulledAnnotation:
+    """A person's latest answer for one task: the corrected mask (H, W) uint8 class ids and who/when."""
+
+    image_id: str
+    task_id: int
+    mask: np.ndarray
+    annotation_id: int
+    completed_by: int | None
+    updated_at: str | None
+    lead_time: float | None
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
+def latest_annotation(annotations: Sequence[Any]) -> Any | None:
+    """The most recently updated annotation that was not cancelled (skipped), or None."""
+    kept = [a for a in annotations if not _field(a, "was_cancelled")]
+    return max(
+        kept, key=lambda a: (str(_field(a, "updated_at") or ""), int(_field(a, "id") or 0)), default=None
+    )
+
+
+def pull_annotations(
+    settings: Settings,
+    project_id: int,
+    image_sizes: Mapping[str, tuple[int, int]],
+    client: LabelStudio | None = None,
+) -> tuple[list[PulledAnnotation], list[tuple[str, str]]]:
+    """Latest non-cancelled annotation of each task whose image is in ``image_sizes`` (image_id -> (h, w)).
+
+    Tasks of other images (earlier rounds) are skipped. A malformed annotation never stops the others.
+
+    Returns:
+        (pulled annotations, [(image_id, reason), ...] for annotations that could not be read).
+    """
+    client = client or connect(settings)
+    pulled: list[PulledAnnotation] = []
+    errors: list[tuple[str, str]] = []
+    for task in _iter_tasks(client, project_id):
+        image_id = str((task.data or {}).get("image_id"))
+        if image_id not in image_sizes or not (task.total_annotations or 0):
+            continue
+        # The per-task annotations endpoint returns results exactly as they were stored.
+        annotation = latest_annotation(client.annotations.list(id=task.id))
+        if annotation is None:
+            continue
+        height, width = image_sizes[image_id]
+        try:
+            mask = results_to_mask(annotation.result or [], height, width, settings.classes)
+        except MalformedAnnotation as exc:
+            logger.warning(
+                "Task %d (image %s): malformed annotation %d: %s", task.id, image_id, annotation.id, exc
+            )
+            errors.append((image_id, f"task {task.id}, annotation {annotation.id}: {exc}"))
+            continue
+        updated = annotation.updated_at
+        pulled.append(
+            PulledAnnotation(
+                image_id=image_id,
+                task_id=int(task.id),
+                mask=mask,
+                annotation_id=int(annotation.id),
+                completed_by=_user_id(annotation.completed_by),
+                updated_at=updated.isoformat() if hasattr(updated, "isoformat") else updated,
+                lead_time=annotation.lead_time,
+            )
+        )
+    return pulled, errors
+
+
+def _user_id(completed_by: Any) -> int | None:
+    if completed_by is None:
+        return None
+    return int(completed_by if isinstance(completed_by, int) else _field(completed_by, "id"))
+
+
+def review_progress(
+    settings: Settings, project_id: int, task_ids: Sequence[int], client: LabelStudio | None = None
+) -> tuple[int, int]:
+    """(annotated, total) over ``task_ids``: how many have at least one submitted annotation."""
+    client = client or connect(settings)
+    wanted = set(task_ids)
+    done = sum(
+        1 for t in _iter_tasks(client, project_id) if t.id in wanted and (t.total_annotations or 0) > 0
+    )
+    return done, len(wanted)
+
+
+# ---- annotators --------------------------------------------------------------------------------
+
+
+def invite_annotator(settings: Settings, email: str, password: str) -> str:
+    """API token of an annotator account, signed up through the organisation's invite link if new.
+
+    Logs in when the account already exists. Label Studio wants passwords of at least 8 characters.
+
+    Raises:
+        LabelStudioError: the server is unreachable, or neither sign-up nor log-in worked.
+    """
+    url = settings.label_studio_url
+    connect(settings)  # clear error when the server is down
+    with requests.Session() as session:
+        if _submit_form(session, url, f"{url}/user/login/", email, password):
+            return _session_token(session, url)
+        invite = requests.get(
+            f"{url}/api/invite",
+            headers={"Authorization": f"Token {settings.label_studio_token}"},
+            timeout=_HTTP_TIMEOUT_S,
+        )
+        if invite.status_code != 200:
+            raise LabelStudioError(
+                f"Label Studio at {url} refused an invite link (HTTP {invite.status_code})"
+            )
+        signup_url = urljoin(url + "/", invite.json()["invite_url"])
+        if _submit_form(session, url, signup_url, email, password):
+            logger.info("Signed up annotator %s", email)
+            return _session_token(session, url)
+    raise LabelStudioError(
+        f"Label Studio at {url}: could not sign up or log in annotator {email} "
+        "(wrong password for an existing account, or a password under 8 characters?)"
+    )
+
+
+def _submit_form(session: requests.Session, base_url: str, form_url: str, email: str, password: str) -> bool:
+    """Post Label Studio's login or sign-up form; True when the session ends up logged in."""
+    page = session.get(form_url, timeout=_HTTP_TIMEOUT_S)
+    match = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    csrf = match.group(1) if match else session.cookies.get("csrftoken", "")
+    session.post(
+        page.url,
+        data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
+        headers={"Referer": page.url},
+        timeout=_HTTP_TIMEOUT_S,
+    )
+    check = session.get(f"{base_url}/api/current-user/whoami", timeout=_HTTP_TIMEOUT_S, allow_redirects=False)
+    return check.status_code == 200 and check.headers.get("content-type", "").startswith("application/json")
+
+
+def _session_token(session: requests.Session, url: str) -> str:
+    response = session.get(f"{url}/api/current-user/token", timeout=_HTTP_TIMEOUT_S)
+    if response.status_code != 200 or "token" not in response.json():
+        raise LabelStudioError(f"Label Studio at {url} gave no API token (HTTP {response.status_code})")
+    return str(response.json()["token"])
+
+
+__all__ = [
+    "LabelStudioError",
+    "MalformedAnnotation",
+    "PulledAnnotation",
+    "TaskItem",
+    "connect",
+    "ensure_project",
+    "image_url",
+    "invite_annotator",
+    "label_config",
+    "latest_annotation",
+    "mask_to_results",
+    "pull_annotations",
+    "push_tasks",
+    "results_to_mask",
+    "review_progress",
+    "task_url",
+]

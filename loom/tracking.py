@@ -1,0 +1,306 @@
+"""MLflow adapter: log a round's evaluation, register its student, promote a champion by alias.
+
+Tracking and the model registry live in the workspace's sqlite file (``settings.mlflow_tracking_uri``),
+artifacts under ``settings.mlflow_artifacts_dir``: no server is needed to log or to load, and
+``mlflow ui --backend-store-uri <that uri>`` shows everything.
+
+The student is registered as a pyfunc model whose only payload is the student folder
+(``config.json`` + ``model.safetensors``) under ``artifacts/``. Loom never loads it through pyfunc
+(that would unpickle a Python object): ``download_student`` fetches the folder and the student code
+reads the safetensors directly. Promotion uses the registry alias ``champion`` (stages are deprecated).
+
+Cost: the first call in a workspace creates the sqlite schema (a few seconds); after that a round is
+logged and registered in about half a second, because ``pip_requirements`` is given explicitly and
+MLflow skips inferring the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Loom runs offline on loopback: keep MLflow from starting its usage telemetry (read at import time).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from loom.config import Settings
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_NAME = "loom"
+CHAMPION_ALIAS = "champion"
+STUDENT_ARTIFACT = "student"  # key of the student folder among the pyfunc model's artifacts
+STUDENT_FILES = ("config.json", "model.safetensors")
+# What the registered model needs to be read back; listing it skips MLflow's slow dependency inference.
+PIP_REQUIREMENTS = ["safetensors", "numpy", "torch"]
+
+
+@dataclass(frozen=True)
+class RoundRun:
+    run_id: str
+    model_version: str
+    experiment_id: str
+
+
+class StudentArtifact(PythonModel):
+    """Registry wrapper around a student folder; it carries no weights of its own and does not predict."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        self.student_dir = Path(context.artifacts[STUDENT_ARTIFACT])
+
+    def predict(
+        self, context: PythonModelContext, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> list[str]:
+        raise NotImplementedError(
+            "this registered model only stores a Loom student (config.json + model.safetensors); "
+            "run `loom predict` to use it"
+        )
+
+
+# ---- connection ---------------------------------------------------------------------------------
+
+
+def _connect(settings: Settings) -> MlflowClient:
+    """Point MLflow at the workspace's store (process-wide: MLflow's fluent API needs it); return a client."""
+    db_dir = settings.stack_dir / "mlflow"
+    db_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+
+
+def _experiment_id(client: MlflowClient, settings: Settings) -> str:
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is not None:
+        return experiment.experiment_id
+    settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(EXPERIMENT_NAME, artifact_location=settings.mlflow_artifacts_dir.as_uri())
+
+
+def _check_student_dir(model_dir: Path) -> None:
+    missing = [name for name in STUDENT_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"student folder {model_dir} lacks {', '.join(missing)}; "
+            "save the trained student (config.json + model.safetensors) there before logging the round"
+        )
+
+
+def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    kept = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+    if len(kept) < len(metrics):
+        logger.warning("not logging undefined metrics: %s", ", ".join(sorted(set(metrics) - set(kept))))
+    return kept
+
+
+# ---- logging a round ---------------------------------------------------------------------------------
+
+
+def log_round(
+    settings: Settings,
+    round_no: int,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    model_dir: Path,
+    images: Mapping[str, np.ndarray] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> RoundRun:
+    """Log one round as an MLflow run and register its student as a new model version.
+
+    Args:
+        settings: the workspace's settings.
+        round_no: the round number (tag ``loom.round`` and run name ``round-NNNN``).
+        params: hyper-parameters; values are logged as strings.
+        metrics: evaluation metrics; NaN/inf values are left out with a warning.
+        model_dir: folder holding the student as ``config.json`` + ``model.safetensors``.
+        images: named ``(H, W, 3)`` uint8 pictures (mask overlays), logged as ``overlays/<name>.png``.
+        tags: extra run tags.
+
+    Returns:
+        The run id, the registered model version and the experiment id.
+    """
+    model_dir = Path(model_dir)
+    _check_student_dir(model_dir)
+    client = _connect(settings)
+    experiment_id = _experiment_id(client, settings)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"round-{round_no:04d}") as run:
+        mlflow.set_tags({"loom.round": str(round_no), **(tags or {})})
+        if params:
+            mlflow.log_params({k: str(v) for k, v in params.items()})
+        mlflow.log_metrics(_finite_metrics(metrics))
+        for name, image in (images or {}).items():
+            mlflow.log_image(np.asarray(image), artifact_file=f"overlays/{name}.png")
+        info = mlflow.pyfunc.log_model(
+            name=STUDENT_ARTIFACT,
+            python_model=StudentArtifact(),
+            artifacts={STUDENT_ARTIFACT: str(model_dir)},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=settings.registered_model,
+        )
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(settings.registered_model, version, "loom.round", str(round_no))
+    logger.info(
+        "round %d logged: run %s, %s version %s",
+        round_no,
+        run.info.run_id,
+        settings.registered_model,
+        version,
+    )
+    return RoundRun(run_id=run.info.run_id, model_version=version, experiment_id=experiment_id)
+
+
+# ---- champion ------------------------------------------------------------------------------------------
+
+
+def _champion_version(client: MlflowClient, settings: Settings) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(settings.registered_model, CHAMPION_ALIAS)
+    except MlflowException as err:
+        # No registered model yet, or no version holds the alias (reported as an invalid parameter).
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(
+            err
+        ):
+            return None
+        raise
+
+
+def champion(settings: Settings) -> tuple[str, dict[str, float]] | None:
+    """The version holding the ``champion`` alias and the metrics of the run that logged it; None if none."""
+    client = _connect(settings)
+    current = _champion_version(client, settings)
+    if current is None:
+        return None
+    run_metrics = dict(client.get_run(current.run_id).data.metrics) if current.run_id else {}
+    return str(current.version), run_metrics
+
+
+def promote_if_better(
+    settings: Settings,
+    version: str,
+    metrics: Mapping[str, float],
+    metric: str = "miou",
+    higher_is_better: bool = True,
+) -> bool:
+    """Give ``version`` the ``champion`` alias if there is no champion or it strictly beats it on ``metric``.
+
+    The decision is recorded on the new version as tags ``promoted`` (true/false) and ``promotion_reason``.
+    """
+    client = _connect(settings)
+    name = settings.registered_model
+    version = str(version)
+    new_value = metrics.get(metric)
+    current = _champion_version(client, settings)
+    old_value = None
+    if current is not None and current.run_id:
+        old_value = client.get_run(current.run_id).data.metrics.get(metric)
+
+    if current is not None and str(current.version) == version:
+        return True  # asked again (a retried task): keep the tags of the first decision
+    if new_value is None or not math.isfinite(float(new_value)):
+        promoted, reason = False, f"{metric} is undefined for this model"
+    elif current is None:
+        promoted, reason = True, "first model: no champion yet"
+    elif old_value is None or not math.isfinite(old_value):
+        promoted, reason = True, f"champion v{current.version} has no {metric}"
+    else:
+        better = new_value > old_value if higher_is_better else new_value < old_value
+        relation = "beats" if better else "does not beat"
+        promoted = better
+        reason = f"{metric} {float(new_value):.4f} {relation} champion v{current.version} ({old_value:.4f})"
+
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
+    client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
+    client.set_model_version_tag(name, version, "promotion_reason", reason)
+    logger.info("%s version %s %s: %s", name, version, "promoted" if promoted else "not promoted", reason)
+    return promoted
+
+
+# ---- reading a student back ---------------------------------------------------------------------------
+
+
+def _resolve_version(client: MlflowClient, settings: Settings, ref: str) -> str:
+    name = settings.registered_model
+    if ref == CHAMPION_ALIAS:
+        current = _champion_version(client, settings)
+        if current is None:
+            raise LookupError(
+                f"no champion for model '{name}' in the MLflow registry at {settings.mlflow_tracking_uri}; "
+                "run a round first (`loom round`) so a student gets trained and promoted"
+            )
+        return str(current.version)
+    if not str(ref).isdigit():
+        raise ValueError(f"model reference must be 'champion' or a version number, got {ref!r}")
+    try:
+        client.get_model_version(name, str(ref))
+    except MlflowException as err:
+        raise LookupError(
+            f"model '{name}' has no version {ref} in the MLflow registry at {settings.mlflow_tracking_uri}"
+        ) from err
+    return str(ref)
+
+
+def download_student(settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | None = None) -> Path:
+    """Fetch a registered student into a local folder holding ``config.json`` + ``model.safetensors``.
+
+    Args:
+        ref: ``"champion"`` or a version number.
+        dst: where to download the model; by default a cache folder under ``<stack>/mlflow/downloads``
+            named after the version and the run that logged it, reused while it exists (registered
+            versions never change) and filled atomically, so concurrent readers never see half a model.
+
+    Returns:
+        The student folder inside the downloaded model.
+    """
+    client = _connect(settings)
+    version = _resolve_version(client, settings, str(ref))
+    model_uri = f"models:/{settings.registered_model}/{version}"
+    if dst is not None:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return _student_folder(
+            Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))), settings, version
+        )
+
+    run_id = client.get_model_version(settings.registered_model, version).run_id or "norun"
+    cache = (
+        settings.stack_dir / "mlflow" / "downloads" / f"{settings.registered_model}-v{version}-{run_id[:12]}"
+    )
+    if cache.is_dir():
+        return _student_folder(cache, settings, version)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+    try:
+        mlflow.artifacts.download_artifacts(model_uri, dst_path=str(staging))
+        _student_folder(staging, settings, version)  # check before publishing
+        try:
+            staging.rename(cache)
+        except OSError:
+            if not cache.is_dir():  # another process published it first, else a real failure
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return _student_folder(cache, settings, version)
+
+
+def _student_folder(root: Path, settings: Settings, version: str) -> Path:
+    for config in sorted(root.rglob(STUDENT_FILES[0])):
+        if (config.parent / STUDENT_FILES[1]).is_file():
+            return config.parent
+    raise FileNotFoundError(
+        f"model '{settings.registered_model}' version {version} (downloaded to {root}) holds no "
+        f"{' + '.join(STUDENT_FILES)}; it was not logged by Loom's log_round"
+    )

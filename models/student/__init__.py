@@ -1,0 +1,1 @@
+"""Small, fast segmentation students (what the line runs)."""

@@ -1,0 +1,49 @@
+"""Small helpers shared by the tasks: the manifest, images and masks of the workspace."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from loom import manifest
+from loom.config import Settings
+from loom.imageio import read_image, read_mask
+
+
+def load_manifest(settings: Settings) -> pd.DataFrame:
+    return manifest.load(settings.manifest_path)
+
+
+def save_manifest(settings: Settings, df: pd.DataFrame) -> None:
+    manifest.save(df, settings.manifest_path)
+
+
+def image_of(settings: Settings, row: pd.Series) -> np.ndarray:
+    return read_image(settings.data_dir / row["path"])
+
+
+def human_mask_of(settings: Settings, image_id: str, hw: tuple[int, int]) -> np.ndarray:
+    return read_mask(settings.masks_dir / f"{image_id}.png", len(settings.classes), expected_hw=hw)
+
+
+def pseudo_mask_path(settings: Settings, round_no: int, image_id: str):
+    return settings.pseudo_dir / f"round-{round_no:04d}" / "masks" / f"{image_id}.png"
+
+
+def class_names(mask: np.ndarray, classes: tuple[str, ...]) -> str:
+    """Comma-joined names of the classes present in a class-index mask."""
+    ids = [int(v) for v in np.unique(mask) if 0 < v <= len(classes)]
+    return ",".join(classes[i - 1] for i in ids)
+
+
+def task_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow/task run, the module logger when a stage is called directly."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("loom.tasks")

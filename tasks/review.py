@@ -1,0 +1,139 @@
+"""Human review in Label Studio: choose what people see, send it, wait, take their corrections back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from loom import labelstudio, manifest
+from loom.config import Settings
+from loom.imageio import read_mask, write_mask
+from tasks.common import class_names, load_manifest, pseudo_mask_path, save_manifest, task_logger
+from tasks.pseudo_label import PseudoLabels
+
+
+@dataclass
+class Selection:
+    review: list[str]  # image ids for people, most uncertain first
+    auto_accepted: list[str]  # confident pseudo-labels used for training without review
+
+
+@dataclass
+class ReviewOutcome:
+    project_id: int
+    task_ids: dict[str, int]
+    reviewed: int
+    pending: int
+    malformed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
+    """Most uncertain unreviewed train images first, up to the budget; the confident rest is auto-accepted.
+
+    Images already queued in an earlier round stay queued (they are not sent twice) and count against
+    the budget, so a backlog of unreviewed work slows new requests instead of growing without end.
+    """
+    pool = manifest.usable(df)
+    pool = pool[(pool["split"] == "train") & (pool["label_source"] == "pseudo")]
+    queued = pool[pool["review_state"] == "queued"]
+    fresh = pool[pool["review_state"].isin(["none", "auto_accepted"])].sort_values(
+        ["uncertainty", "image_id"], ascending=[False, True]
+    )
+    n_new = max(0, budget - len(queued))
+    review = fresh.head(n_new)
+    rest = fresh.iloc[n_new:]
+    auto = rest[rest["uncertainty"] <= confident_low]
+    return Selection(review=queued["image_id"].tolist() + review["image_id"].tolist(),
+                     auto_accepted=auto["image_id"].tolist())
+
+
+@task(name="select-for-review", cache_policy=NO_CACHE)
+def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
+    df = load_manifest(settings)
+    sel = choose_for_review(df, settings.round.review_budget, settings.round.confident_low)
+    df = manifest.update(df, sel.review, review_state="queued")
+    # Confidence is re-judged every round: what was auto-accepted before but is uncertain now drops out.
+    df.loc[(df["review_state"] == "auto_accepted") & ~df["image_id"].isin(sel.auto_accepted), "review_state"] = "none"
+    df = manifest.update(df, sel.auto_accepted, review_state="auto_accepted")
+    save_manifest(settings, df)
+    task_logger().info("review: %d images to people, %d auto-accepted", len(sel.review), len(sel.auto_accepted))
+    return sel
+
+
+@task(name="push-to-label-studio", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> tuple[int, dict[str, int]]:
+    """Create the project if missing and one task per selected image with the teacher's pre-annotation."""
+    project_id = labelstudio.ensure_project(settings)
+    df = load_manifest(settings).set_index("image_id")
+    items = []
+    for image_id in selection.review:
+        row = df.loc[image_id]
+        hw = (int(row["height"]), int(row["width"]))
+        mask = read_mask(pseudo_mask_path(settings, labels.round_no, image_id), len(settings.classes), hw)
+        items.append(
+            labelstudio.TaskItem(
+                image_id=image_id,
+                mask=mask,
+                score=float(row["score"]),
+                model_version=labels.model_version,
+                round_no=labels.round_no,
+            )
+        )
+    task_ids = labelstudio.push_tasks(settings, project_id, items)
+    task_logger().info("label studio project %d: %d tasks for review", project_id, len(task_ids))
+    return project_id, task_ids
+
+
+@task(name="wait-for-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def wait_for_review(settings: Settings, project_id: int, task_ids: dict[str, int], poll_s: float = 2.0) -> int:
+    """Poll Label Studio until every task is annotated or the review timeout passes; return how many are done.
+
+    A timeout is not a failure: the round goes on with what people finished, the rest stays queued
+    for the next round.
+    """
+    log = task_logger()
+    deadline = time.monotonic() + settings.round.review_timeout_s
+    ids = list(task_ids.values())
+    done, total = labelstudio.review_progress(settings, project_id, ids)
+    while done < total and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        done, total = labelstudio.review_progress(settings, project_id, ids)
+    if done < total:
+        log.warning("review timeout: %d of %d tasks annotated; the rest stays queued", done, total)
+    else:
+        log.info("all %d review tasks annotated", total)
+    return done
+
+
+@task(name="pull-corrections", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
+    """Turn the latest annotation of each task into a human class mask; a malformed one is set aside."""
+    log = task_logger()
+    df = load_manifest(settings)
+    usable = manifest.usable(df)
+    sizes = {r.image_id: (int(r.height), int(r.width)) for r in usable.itertuples()}
+    pulled, malformed = labelstudio.pull_annotations(settings, project_id, sizes)
+    for ann in pulled:
+        write_mask(settings.masks_dir / f"{ann.image_id}.png", ann.mask.astype(np.uint8))
+        df = manifest.update(
+            df,
+            [ann.image_id],
+            label_source="human",
+            review_state="reviewed",
+            classes=class_names(ann.mask, settings.classes),
+        )
+    if malformed:
+        reasons = settings.quarantine_dir / "annotations.csv"
+        reasons.parent.mkdir(parents=True, exist_ok=True)
+        with reasons.open("a") as f:
+            for image_id, reason in malformed:
+                f.write(f"{image_id},{project_id},{reason!r}\n")
+                log.warning("annotation of image %s set aside: %s (kept in review)", image_id, reason)
+    save_manifest(settings, df)
+    pending = int((df["review_state"] == "queued").sum())
+    return ReviewOutcome(project_id, {}, reviewed=len(pulled), pending=pending, malformed=malformed)

@@ -1,0 +1,149 @@
+"""Whole flywheel rounds on the real stack: ingest -> ... -> version, with the simulated annotator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from loom import labelstudio, versioning
+from loom.annotator import SimulatedAnnotator
+from loom.config import PROJECT_ROOT, load_settings, workspace_secret
+from loom.datasets.fabric import generate, render_sample
+from loom.demo import GroundTruth
+from loom.runner import run_round
+from tests.badfiles import write_bad_files, write_industrial_images
+
+pytestmark = pytest.mark.e2e
+
+TINY_ROUND = {"review_budget": 5, "review_timeout_s": 180, "image_size": 128, "epochs": 2, "batch_size": 8}
+
+
+def data_hashes(data_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(data_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(data_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def flywheel(stack_settings, tmp_path_factory):
+    ws = stack_settings.workspace
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["round"].update(TINY_ROUND)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    settings = load_settings(ws)
+
+    src = tmp_path_factory.mktemp("camera")
+    batch1 = generate(src / "batch-01", n_images=40, size=128, defect_fraction=0.4, test_fraction=0.3, seed=11)
+    batch2 = generate(src / "batch-02", n_images=16, size=128, defect_fraction=0.4, test_fraction=0.0, seed=12)
+    bad = write_bad_files(src / "batch-03")
+    industrial = write_industrial_images(src / "batch-03")
+
+    token = labelstudio.invite_annotator(settings, "e2e-annotator@loom.local", workspace_secret(settings, "E2E_PW"))
+    project_id = labelstudio.ensure_project(settings)
+    annotator = SimulatedAnnotator(settings, token, GroundTruth([batch1, batch2], len(settings.classes)),
+                                   settings.classes)
+    stop = annotator.run_in_background(project_id, poll_s=1.0)
+    try:
+        rec1 = run_round(settings, source=batch1)
+        hashes1 = data_hashes(settings.data_dir)
+        rec2 = run_round(settings, source=batch2)
+        rec3 = run_round(settings, source=src / "batch-03")
+        rec4 = run_round(settings, source=batch1)  # the same images again
+    finally:
+        stop.set()
+    return {
+        "settings": settings, "records": [rec1, rec2, rec3, rec4], "hashes1": hashes1, "project_id": project_id,
+        "annotator": annotator, "bad": bad, "industrial": industrial,
+    }
+
+
+def test_round_records_are_complete(flywheel):
+    settings = flywheel["settings"]
+    for n, rec in enumerate(flywheel["records"], start=1):
+        saved = json.loads((settings.round_dir(n) / "round.json").read_text())
+        assert saved["round"] == n
+        assert saved["prefect_flow_run_id"]
+        assert saved["label_studio"]["project_id"] == flywheel["project_id"]
+        assert saved["mlflow"]["run_id"] == rec["mlflow"]["run_id"]
+        assert 0.0 <= saved["metrics"]["miou"] <= 1.0
+        assert saved["version"]["tag"] == f"round-{n:04d}"
+        assert set(saved["step_seconds"]) >= {"ingest", "pseudo_label", "train", "evaluate"}
+    first = flywheel["records"][0]["counts"]
+    assert first["ingested"] == 40 and first["test"] == 12
+    assert first["reviewed"] == first["sent_to_review"] == TINY_ROUND["review_budget"]
+
+
+def test_bad_input_is_quarantined_and_the_round_goes_on(flywheel):
+    settings = flywheel["settings"]
+    rec3 = flywheel["records"][2]
+    assert rec3["counts"]["quarantined"] == len(flywheel["bad"])
+    assert rec3["counts"]["ingested"] == len(flywheel["industrial"])  # 16-bit, gray, RGBA read fine
+    reasons = (settings.quarantine_dir / "reasons.csv").read_text()
+    for path in flywheel["bad"].values():
+        assert path.name in reasons
+        assert path.exists()  # never deleted from the source
+
+
+def test_mlflow_has_one_run_per_round_and_a_champion(flywheel):
+    settings = flywheel["settings"]
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    client = MlflowClient()
+    run_ids = [r["mlflow"]["run_id"] for r in flywheel["records"]]
+    assert len(set(run_ids)) == 4
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        assert {"miou", "pixel_auroc", "image_auroc"} <= set(run.data.metrics)
+    champion = client.get_model_version_by_alias(settings.registered_model, "champion")
+    assert champion.run_id in run_ids
+
+
+def test_label_studio_holds_predictions_and_annotations_without_duplicates(flywheel):
+    settings = flywheel["settings"]
+    client = labelstudio.connect(settings)
+    tasks = list(client.tasks.list(project=flywheel["project_id"], fields="all"))
+    image_ids = [t.data["image_id"] for t in tasks]
+    assert len(image_ids) == len(set(image_ids)), "a rerun created duplicate tasks"
+    sent = sum(r["counts"]["sent_to_review"] for r in flywheel["records"])
+    assert len(tasks) <= sent and len(tasks) >= TINY_ROUND["review_budget"]
+    for t in tasks[:5]:
+        preds = list(client.predictions.list(task=t.id))
+        assert preds and preds[0].model_version and preds[0].score is not None
+    assert flywheel["annotator"].corrections, "the annotator corrected nothing"
+
+
+def test_dvc_restores_round_one_byte_identical(flywheel):
+    settings = flywheel["settings"]
+    try:
+        versioning.checkout_round(settings, "round-0001")
+        assert data_hashes(settings.data_dir) == flywheel["hashes1"]
+    finally:
+        versioning.restore_main(settings)
+    assert data_hashes(settings.data_dir) != flywheel["hashes1"]
+
+
+def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
+    settings = flywheel["settings"]
+    frame = render_sample(5, height=256, width=4096, defect_prob=1.0).image
+    Image.fromarray(frame).save(tmp_path / "frame.png")
+    out = tmp_path / "pred"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "loom"), "predict", str(tmp_path / "frame.png"), "--out", str(out),
+         "--model", "champion", "--workspace", str(settings.workspace)],
+        check=True,
+    )
+    amap = np.load(out / "maps" / "frame.npy")
+    assert amap.shape == (256, 4096) and amap.dtype == np.float32
+    assert Image.open(out / "masks" / "frame.png").size == (4096, 256)
+    assert (out / "scores.csv").read_text().startswith("image,score,label,classes")

@@ -1,0 +1,70 @@
+"""Settings, the manifest contract and review selection."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from loom import manifest
+from loom.config import DEFAULT_CLASSES, load_settings
+from tasks.review import choose_for_review
+
+
+def test_settings_layer_params_env_and_overrides(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text("round: {review_budget: 3}\nports: {label_studio: 18001}\n")
+    monkeypatch.setenv("LOOM_PREFECT_PORT", "14999")
+    s = load_settings(ws, epochs=1)
+    assert s.round.review_budget == 3 and s.round.epochs == 1
+    assert s.ports.label_studio == 18001 and s.ports.prefect == 14999
+    assert s.manifest_path == ws / "data" / "manifest.parquet"
+    assert s.class_index("hole") == 1 and s.class_index("never-seen") == DEFAULT_CLASSES.index("defect") + 1
+
+
+def test_settings_reject_unknown_keys(tmp_path):
+    (tmp_path / "params.yaml").write_text("round: {review_budgte: 3}\n")
+    with pytest.raises(ValueError, match="review_budgte"):
+        load_settings(tmp_path)
+
+
+def test_generated_secret_is_stable_and_private(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOOM_LS_TOKEN", raising=False)
+    s = load_settings(tmp_path)
+    token = s.label_studio_token
+    assert len(token) >= 20 and token == load_settings(tmp_path).label_studio_token
+    assert (s.stack_dir / "secrets.env").stat().st_mode & 0o077 == 0
+
+
+def _rows(n: int, **kw) -> pd.DataFrame:
+    return manifest.normalize(pd.DataFrame({"image_id": [f"id{i:02d}" for i in range(n)], "path": "x", **kw}))
+
+
+def test_upsert_is_a_noop_for_known_ids_and_roundtrips(tmp_path):
+    df = manifest.upsert(manifest.empty(), _rows(3, split="train"))
+    again = manifest.upsert(df, _rows(4, split="test"))
+    assert len(again) == 4
+    assert (again.set_index("image_id").loc[["id00", "id01", "id02"], "split"] == "train").all()
+    manifest.save(again, tmp_path / "m.parquet")
+    loaded = manifest.load(tmp_path / "m.parquet")
+    assert list(loaded.columns) == list(manifest.COLUMNS) and len(loaded) == 4
+
+
+def test_selection_takes_most_uncertain_and_auto_accepts_confident():
+    unc = [0.9, 0.05, 0.5, 0.8, 0.1, 0.3]
+    df = _rows(6, split="train", label_source="pseudo", review_state="none", uncertainty=unc)
+    sel = choose_for_review(df, budget=2, confident_low=0.15)
+    assert sel.review == ["id00", "id03"]
+    assert sorted(sel.auto_accepted) == ["id01", "id04"]
+
+
+def test_selection_counts_the_backlog_and_skips_test_human_and_quarantined():
+    df = _rows(
+        5, split="train", label_source="pseudo", review_state="none", uncertainty=[0.9, 0.8, 0.7, 0.6, 0.5]
+    )
+    df.loc[0, "review_state"] = "queued"
+    df.loc[1, "split"] = "test"
+    df.loc[2, "label_source"] = "human"
+    df.loc[3, "quarantine_reason"] = "truncated"
+    sel = choose_for_review(df, budget=2, confident_low=0.0)
+    assert sel.review == ["id00", "id04"]

@@ -1,0 +1,142 @@
+"""Backbone teacher: shapes, own-image exclusion, determinism, tiled line-scan frames, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.teacher.backbone import BackboneTeacher, TeacherConfig, TeacherPrediction
+
+
+def woven(height: int, width: int, seed: int, noise: float = 3.0) -> np.ndarray:
+    """A periodic weave-like texture (period 8 px) with a little per-image sensor noise: (H, W, 3) uint8."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    pattern = 110.0 + 40.0 * np.sin(2 * np.pi * rows / 8) * np.sin(2 * np.pi * cols / 8)
+    rgb = np.stack([pattern, pattern * 0.9, pattern * 0.7], axis=-1)
+    rgb += np.random.default_rng(seed).normal(0.0, noise, rgb.shape)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def pool_with_square(count: int = 12, size: int = 64, defective: int = 5) -> list[np.ndarray]:
+    images = [woven(size, size, seed) for seed in range(count)]
+    images[defective][24:40, 28:44] = 250  # a bright 16 x 16 square
+    return images
+
+
+@pytest.fixture(scope="module")
+def pretrained_teacher() -> BackboneTeacher:
+    return BackboneTeacher(TeacherConfig(image_size=128, tile_overlap=32, batch_size=8))
+
+
+def test_prediction_shapes_and_types() -> None:
+    teacher = BackboneTeacher(TeacherConfig(pretrained=False, image_size=64))
+    images = [woven(64, 64, seed) for seed in range(10)] + [woven(48, 40, 99)]
+    predictions = teacher.fit_predict_pool(images)
+    assert len(predictions) == len(images)
+    for image, prediction in zip(images, predictions, strict=True):
+        assert isinstance(prediction, TeacherPrediction)
+        assert prediction.anomaly_map.shape == image.shape[:2]
+        assert prediction.anomaly_map.dtype == np.float32
+        assert prediction.mask.shape == image.shape[:2] and prediction.mask.dtype == bool
+        assert 0.0 <= prediction.uncertainty <= 1.0
+        assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
+        assert prediction.mask.any() == (prediction.score >= teacher.image_threshold)
+    assert teacher.pixel_threshold is not None and teacher.image_threshold is not None
+
+
+def test_defect_found_in_its_own_image_and_nowhere_else(pretrained_teacher: BackboneTeacher) -> None:
+    images = pool_with_square()
+    predictions = pretrained_teacher.fit_predict_pool(images)
+    scores = [prediction.score for prediction in predictions]
+    assert int(np.argmax(scores)) == 5
+    assert scores[5] > 2 * sorted(scores)[-2]
+    defect_map = predictions[5].anomaly_map
+    peak_row, peak_col = np.unravel_index(np.argmax(defect_map), defect_map.shape)
+    assert 20 <= peak_row < 44 and 24 <= peak_col < 48  # the square, give or take a few pixels
+    assert predictions[5].mask[28:36, 32:40].all()
+    assert predictions[5].uncertainty < 0.05  # far above the threshold: a confident pseudo-label
+    # Elsewhere at most sensor-noise specks, tiny next to the defect.
+    stray = sum(int(prediction.mask.sum()) for index, prediction in enumerate(predictions) if index != 5)
+    assert stray < 0.05 * predictions[5].mask.sum()
+
+
+def test_own_patches_are_excluded_but_a_new_image_uses_the_whole_bank(
+    pretrained_teacher: BackboneTeacher,
+) -> None:
+    """The square's twin in the bank explains it only for an image that is not that twin."""
+    images = pool_with_square()
+    pretrained_teacher.fit_pool(images)
+    almost_twin = images[5].copy()
+    almost_twin[0, 0] += 1  # different bytes, so not recognised as a pool member
+    own, outsider = pretrained_teacher.predict_pool([images[5], almost_twin])
+    assert outsider.anomaly_map[24:40, 28:44].max() < 0.25 * own.anomaly_map[24:40, 28:44].max()
+
+
+def test_new_images_can_be_scored_against_the_pool_thresholds(pretrained_teacher: BackboneTeacher) -> None:
+    images = pool_with_square()
+    pretrained_teacher.fit_predict_pool(images)
+    thresholds = (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold)
+    newcomer = woven(64, 64, seed=1234)
+    newcomer[8:20, 8:20] = 250
+    (prediction,) = pretrained_teacher.predict_pool([newcomer], update_thresholds=False)
+    assert (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold) == thresholds
+    assert prediction.mask[10:18, 10:18].all() and not prediction.mask[40:, 40:].any()
+    fresh = BackboneTeacher(TeacherConfig(pretrained=False))
+    fresh.fit_pool(images)
+    with pytest.raises(RuntimeError, match="update_thresholds=True"):
+        fresh.predict_pool([newcomer], update_thresholds=False)
+
+
+def test_exact_duplicates_cannot_vouch_for_each_other(pretrained_teacher: BackboneTeacher) -> None:
+    images = pool_with_square()
+    images.append(images[5].copy())  # the same defective frame delivered twice
+    predictions = pretrained_teacher.fit_predict_pool(images)
+    assert predictions[5].score == pytest.approx(predictions[-1].score)
+    assert predictions[5].mask[28:36, 32:40].all()
+
+
+def test_same_seed_same_maps_other_seed_other_bank() -> None:
+    images = [woven(64, 64, seed, noise=12.0) for seed in range(8)]
+
+    def maps(seed: int) -> list[np.ndarray]:
+        # bank_size below the pool's 512 patches, so the seed decides which patches are kept
+        teacher = BackboneTeacher(TeacherConfig(pretrained=False, bank_size=100, seed=seed))
+        return [prediction.anomaly_map for prediction in teacher.fit_predict_pool(images)]
+
+    first, again, other = maps(0), maps(0), maps(1)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_line_scan_frames_are_tiled_not_squashed(pretrained_teacher: BackboneTeacher) -> None:
+    frames = [woven(128, 1024, seed) for seed in range(4)]
+    frames[2][50:66, 700:716] = 250
+    layout = pretrained_teacher._layout(frames[0])
+    assert (layout.tile_height, layout.tile_width) == (128, 128)
+    assert [left for _, left in layout.origins] == [0, 96, 192, 288, 384, 480, 576, 672, 768, 864, 896]
+    predictions = pretrained_teacher.fit_predict_pool(frames)
+    assert all(prediction.anomaly_map.shape == (128, 1024) for prediction in predictions)
+    assert int(np.argmax([prediction.score for prediction in predictions])) == 2
+    peak_row, peak_col = np.unravel_index(np.argmax(predictions[2].anomaly_map), (128, 1024))
+    assert 44 <= peak_row < 72 and 694 <= peak_col < 722
+
+
+def test_cached_and_recomputed_features_agree() -> None:
+    images = [woven(64, 64, seed, noise=8.0) for seed in range(6)]
+    cached = BackboneTeacher(TeacherConfig(pretrained=False))
+    uncached = BackboneTeacher(TeacherConfig(pretrained=False, feature_cache_mb=0))
+    for a, b in zip(cached.fit_predict_pool(images), uncached.fit_predict_pool(images), strict=True):
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_bad_input_is_reported_clearly() -> None:
+    teacher = BackboneTeacher(TeacherConfig(pretrained=False))
+    with pytest.raises(RuntimeError, match="fit_pool"):
+        teacher.predict_pool([woven(32, 32, 0)])
+    with pytest.raises(ValueError, match="image 1 must be an"):
+        teacher.fit_pool([woven(32, 32, 0), np.zeros((32, 32), np.uint8)])
+    with pytest.raises(ValueError, match="at least two different images"):
+        teacher.fit_pool([woven(32, 32, 0), woven(32, 32, 0)])
+    with pytest.raises(ValueError, match="tile_overlap"):
+        BackboneTeacher(TeacherConfig(pretrained=False, image_size=64, tile_overlap=64))
