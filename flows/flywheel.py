@@ -70,7 +70,7 @@ def flywheel_round(
     record = {
         "round": round_no,
         "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
-        "label_studio": {"project_id": project_id, "task_ids": task_ids},
+        "label_studio": {"project_id": project_id, "task_ids": task_ids, "export": review.export},
         "mlflow": asdict(promotion),
         "counts": {
             "ingested": len(ingested.added) if ingested else 0,

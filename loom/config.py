@@ -43,15 +43,16 @@ class Ports:
 class RoundParams:
     """Knobs of one flywheel round (editable as Prefect deployment parameters)."""
 
-    review_budget: int = 16  # images sent to people per round
+    review_budget: int = 24  # images sent to people per round
     review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
     confident_low: float = 0.15  # pseudo-labels with uncertainty below this are auto-accepted
     teacher: str = "backbone"
     student: str = "fpn"
     image_size: int = 256
-    epochs: int = 6
+    epochs: int = 6  # at least this many passes over the labeled set ...
+    train_samples: int = 2400  # ... and at least this many crops seen, so a small labeled set still trains
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     seed: int = 0
     promote_metric: str = "miou"
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psutil
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -115,10 +116,24 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     console.print(table)
 
 
+def server_memory_mb(settings: Settings) -> dict[str, float]:
+    """Resident memory of each running server with its child processes."""
+    out = {}
+    for service in stack.status(settings).services:
+        if service.pid:
+            try:
+                proc = psutil.Process(service.pid)
+                procs = [proc, *proc.children(recursive=True)]
+                out[service.name] = sum(p.memory_info().rss for p in procs) / 2**20
+            except psutil.Error:
+                continue
+    return out
+
+
 def run_demo(
     settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
 ) -> list[dict]:
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     start = time.perf_counter()
     console.print(f"[bold]Loom demo[/bold] in {settings.workspace}: {rounds} rounds")
     batches = make_batches(settings, rounds, n_images)

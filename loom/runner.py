@@ -27,8 +27,7 @@ def prefect_api(settings: Settings) -> Iterator[str]:
 
     home = settings.stack_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
-    service = stack.status(settings).services.get("prefect")
-    if service is not None and service.healthy:
+    if stack.status(settings, services=("prefect",))["prefect"].healthy:
         with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url, PREFECT_HOME: str(home)}):
             yield settings.prefect_api_url
     else:

@@ -64,7 +64,7 @@ class StudentArtifact(PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: list[str], params: dict[str, Any] | None = None
     ) -> list[str]:
-        raise NotImplementedError(
+        raise TypeError(
             "this registered model only stores a Loom student (config.json + model.safetensors); "
             "run `loom predict` to use it"
         )

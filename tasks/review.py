@@ -26,10 +26,10 @@ class Selection:
 @dataclass
 class ReviewOutcome:
     project_id: int
-    task_ids: dict[str, int]
-    reviewed: int
+    reviewed: int  # newly reviewed this round (annotations re-read from earlier rounds are not counted)
     pending: int
     malformed: list[tuple[str, str]] = field(default_factory=list)
+    export: list[dict] = field(default_factory=list)  # who annotated what, when: kept in the round record
 
 
 def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
@@ -118,6 +118,8 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     usable = manifest.usable(df)
     sizes = {r.image_id: (int(r.height), int(r.width)) for r in usable.itertuples()}
     pulled, malformed = labelstudio.pull_annotations(settings, project_id, sizes)
+    already = set(df.loc[df["review_state"] == "reviewed", "image_id"])
+    new_reviews = sum(ann.image_id not in already for ann in pulled)
     for ann in pulled:
         write_mask(settings.masks_dir / f"{ann.image_id}.png", ann.mask.astype(np.uint8))
         df = manifest.update(
@@ -136,4 +138,9 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
                 log.warning("annotation of image %s set aside: %s (kept in review)", image_id, reason)
     save_manifest(settings, df)
     pending = int((df["review_state"] == "queued").sum())
-    return ReviewOutcome(project_id, {}, reviewed=len(pulled), pending=pending, malformed=malformed)
+    export = [
+        {"image_id": a.image_id, "task_id": a.task_id, "annotation_id": a.annotation_id,
+         "completed_by": a.completed_by, "updated_at": str(a.updated_at), "lead_time": a.lead_time}
+        for a in pulled
+    ]
+    return ReviewOutcome(project_id, reviewed=new_reviews, pending=pending, malformed=malformed, export=export)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from loom.config import Settings
 from loom.imageio import read_mask
 from loom.metrics import evaluate_segmentation
 from loom.predict import overlay
-from models.student.fpn import FPNConfig, FPNSegmenter
+from models.student.fpn import IGNORE_INDEX, FPNConfig, FPNSegmenter
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
 from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
 
@@ -53,6 +54,9 @@ def training_samples(settings: Settings, round_no: int) -> tuple[list, int, int]
     for _, row in pseudo.iterrows():
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(pseudo_mask_path(settings, round_no, row["image_id"]), n_classes, hw)
+        # The teacher says *where* but not *which* defect: its regions teach nothing about the class and
+        # must not teach "background" either, so they are ignored; its confident normal pixels do count.
+        mask = np.where(mask > 0, IGNORE_INDEX, 0).astype(np.uint8)
         samples.append((image_of(settings, row), mask, SOURCE_WEIGHTS["pseudo"]))
     return samples, len(human), len(pseudo)
 
@@ -65,7 +69,8 @@ def train_student(settings: Settings, round_no: int) -> TrainedStudent:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
     rp = settings.round
     model = FPNSegmenter(FPNConfig(num_classes=len(settings.classes), image_size=rp.image_size))
-    config = TrainConfig(epochs=rp.epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed)
+    epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
+    config = TrainConfig(epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed)
     start = time.perf_counter()
     history = train_segmenter(
         model,
@@ -75,7 +80,7 @@ def train_student(settings: Settings, round_no: int) -> TrainedStudent:
     )
     seconds = time.perf_counter() - start
     model_dir = settings.models_dir / f"round-{round_no:04d}"
-    model.save_pretrained(model_dir)
+    model.save_pretrained(model_dir, metadata={"classes": list(settings.classes), "round": round_no})
     log.info("student trained on %d human + %d pseudo masks in %.1f s", n_human, n_pseudo, seconds)
     return TrainedStudent(str(model_dir), n_human, n_pseudo, seconds, history)
 

@@ -2,7 +2,8 @@
 
 Generic over any ``nn.Module`` that maps normalised images (B, 3, H, W) to logits (B, K+1, H, W) in
 training mode. A model may expose ``backbone`` (trained at a tenth of the learning rate and frozen for
-the first epochs) and ``config.image_size`` (the tile size at inference).
+the first epochs), ``config.image_size`` (the tile size at inference) and ``segment(x)`` (logits in any
+mode, used at inference instead of the eval-mode output).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class SegmentationSamples(Dataset):
         image, mask, weight = self.samples[index]
         if self.augment:
             image, mask = self._crop(image, mask)
-        image_t = torch.from_numpy(np.ascontiguousarray(image))  # (H, W, 3) uint8
+        image_t = torch.from_numpy(np.array(image, copy=True))  # (H, W, 3) uint8
         mask_t = torch.from_numpy(np.ascontiguousarray(mask)).long()  # (H, W)
         x = normalize(image_t.unsqueeze(0))[0]  # (3, H, W)
         if self.augment:
@@ -293,7 +294,8 @@ def _probabilities_fn(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def probabilities(batch: np.ndarray) -> np.ndarray:
         x = normalize(torch.tensor(batch)).to(device)  # a copy: decoded images may be read-only
         x = x.contiguous(memory_format=torch.channels_last)
-        output = model(x)
+        # `segment` (logits only) skips the eval-mode post-processing whose masks and scores are unused here.
+        output = model.segment(x) if hasattr(model, "segment") else model(x)
         logits = output if isinstance(output, torch.Tensor) else output.logits
         return logits.softmax(dim=1).float().cpu().numpy()
 

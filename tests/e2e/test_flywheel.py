@@ -25,7 +25,9 @@ from tests.badfiles import write_bad_files, write_industrial_images
 
 pytestmark = pytest.mark.e2e
 
-TINY_ROUND = {"review_budget": 5, "review_timeout_s": 180, "image_size": 128, "epochs": 2, "batch_size": 8}
+TINY_ROUND = {
+    "review_budget": 5, "review_timeout_s": 180, "image_size": 128, "epochs": 2, "train_samples": 0, "batch_size": 8,
+}
 
 
 def data_hashes(data_dir: Path) -> dict[str, str]:
@@ -52,8 +54,17 @@ def flywheel(stack_settings, tmp_path_factory):
 
     token = labelstudio.invite_annotator(settings, "e2e-annotator@loom.local", workspace_secret(settings, "E2E_PW"))
     project_id = labelstudio.ensure_project(settings)
-    annotator = SimulatedAnnotator(settings, token, GroundTruth([batch1, batch2], len(settings.classes)),
-                                   settings.classes)
+    truth = GroundTruth([batch1, batch2], len(settings.classes))
+
+    def truth_or_normal(image_id: str) -> np.ndarray | None:
+        """The camera-format images carry no defect: a person would submit an empty mask."""
+        mask = truth(image_id)
+        if mask is None and (settings.images_dir / f"{image_id}.png").exists():
+            w, h = Image.open(settings.images_dir / f"{image_id}.png").size
+            mask = np.zeros((h, w), np.uint8)
+        return mask
+
+    annotator = SimulatedAnnotator(settings, token, truth_or_normal, settings.classes)
     stop = annotator.run_in_background(project_id, poll_s=1.0)
     try:
         rec1 = run_round(settings, source=batch1)
@@ -147,3 +158,26 @@ def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
     assert amap.shape == (256, 4096) and amap.dtype == np.float32
     assert Image.open(out / "masks" / "frame.png").size == (4096, 256)
     assert (out / "scores.csv").read_text().startswith("image,score,label,classes")
+
+
+def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
+    """The path of scheduled and UI-triggered rounds: prefect.yaml deployment -> work pool -> worker."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from loom import stack
+    from loom.runner import prefect_api
+
+    settings = flywheel["settings"]
+    stack.deploy(settings)
+    with prefect_api(settings):
+        run = run_deployment(
+            "flywheel-round/nightly", parameters={"review_budget": 0, "review_timeout_s": 5}, timeout=900
+        )
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("flywheel-round/nightly")
+    assert run.state.is_completed(), f"deployment run ended {run.state}"
+    assert any(getattr(s.schedule, "cron", None) == "0 2 * * *" for s in deployment.schedules)
+    record = json.loads((settings.round_dir(5) / "round.json").read_text())
+    assert record["prefect_flow_run_id"] == str(run.id)
+    assert record["counts"]["sent_to_review"] == 0
