@@ -89,7 +89,7 @@ def flywheel_round(
         "metrics": evaluation.metrics,
         "params": asdict(settings.round),
         "teacher": {"model_version": labels.model_version, "image_threshold": labels.image_threshold},
-        "summary": f"{len(selection.review)} sent to review, {evaluation.metrics.get('miou', float('nan')):.3f} mIoU",
+        "summary": f"{len(selection.review)} sent to review, mIoU {evaluation.metrics.get('miou', 0.0):.3f}",
     }
     with clock.step("version"):
         record["step_seconds"] = clock.seconds  # everything but versioning itself

@@ -12,36 +12,61 @@ import platform
 import sys
 from pathlib import Path
 
-STEPS = ("ingest", "pseudo_label", "select", "push_to_label_studio", "wait_for_review", "pull_corrections",
-         "train", "evaluate", "log_and_promote", "version")
+STEPS = (
+    "ingest",
+    "pseudo_label",
+    "select",
+    "push_to_label_studio",
+    "wait_for_review",
+    "pull_corrections",
+    "train",
+    "evaluate",
+    "log_and_promote",
+    "version",
+)
 
 
 def machine() -> str:
     import torch
 
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
 
 
 def report(workspace: Path) -> str:
     summary = json.loads((workspace / "demo_summary.json").read_text())
     records = [json.loads(p.read_text()) for p in sorted((workspace / "rounds").glob("*/round.json"))]
     lines = [f"Machine: {machine()}", ""]
-    lines += ["| round | ingested | reviewed | auto-accepted | mIoU | pixel AUROC | AUPRO@0.3 | image AUROC | wall s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| round | ingested | reviewed | auto-accepted | mIoU | pixel AUROC | AUPRO@0.3 | image AUROC "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row, rec in zip(summary["rounds"], records, strict=False):
         m = rec["metrics"]
         lines.append(
-            f"| {row['round']} | {row['ingested']} | {row['reviewed']} | {row['auto_accepted']} | {m.get('miou', 0):.3f} "
+            f"| {row['round']} | {row['ingested']} | {row['reviewed']} | {row['auto_accepted']} "
+            f"| {m.get('miou', 0):.3f} "
             f"| {m.get('pixel_auroc', 0):.3f} | {m.get('aupro_0.3', 0):.3f} | {m.get('image_auroc', 0):.3f} "
             f"| {row['wall_s']:.0f} |"
         )
-    lines += ["", "| step | " + " | ".join(f"round {r['round']}" for r in summary["rounds"]) + " |",
-              "|---|" + "---|" * len(summary["rounds"])]
+    lines += [
+        "",
+        "| step | " + " | ".join(f"round {r['round']}" for r in summary["rounds"]) + " |",
+        "|---|" + "---|" * len(summary["rounds"]),
+    ]
     for step in STEPS:
-        lines.append(f"| {step} | " + " | ".join(f"{s.get(step, 0):.1f} s" for s in summary["step_seconds"]) + " |")
-    lines += ["", "| process | peak / current memory |", "|---|---|",
-              f"| demo process (flow, teacher, student) | {summary['peak_rss_mb']:.0f} MB peak RSS |"]
+        lines.append(
+            f"| {step} | " + " | ".join(f"{s.get(step, 0):.1f} s" for s in summary["step_seconds"]) + " |"
+        )
+    lines += [
+        "",
+        "| process | peak / current memory |",
+        "|---|---|",
+        f"| demo process (flow, teacher, student) | {summary['peak_rss_mb']:.0f} MB peak RSS |",
+    ]
     for name, mb in summary.get("server_rss_mb", {}).items():
         lines.append(f"| {name} (with children) | {mb:.0f} MB RSS at the end |")
     lines += ["", f"Demo total (stack start + {len(summary['rounds'])} rounds): {summary['total_s']:.0f} s"]

@@ -27,6 +27,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # one line per HTTP request of the clients would drown the round's own log
+        for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()

@@ -45,7 +45,7 @@ class RoundParams:
 
     review_budget: int = 24  # images sent to people per round
     review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
-    confident_low: float = 0.15  # pseudo-labels with uncertainty below this are auto-accepted
+    confident_low: float = 0.25  # pseudo-labels with uncertainty below this are auto-accepted
     teacher: str = "backbone"
     student: str = "fpn"
     image_size: int = 256
@@ -182,7 +182,9 @@ def _merge(cls: type, base: Any, overrides: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"params.yaml: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+        raise ValueError(
+            f"params.yaml: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}"
+        )
     return cls(**{**asdict(base), **overrides})
 
 

@@ -152,7 +152,7 @@ def run_demo(
 
     rows, records = [], []
     try:
-        for r, batch in enumerate(batches, start=1):
+        for batch in batches:
             t0 = time.perf_counter()
             record = run_round(settings, source=batch, review_timeout_s=900)
             rows.append(round_row(record, time.perf_counter() - t0))
@@ -172,7 +172,7 @@ def run_demo(
     (settings.workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"peak memory of the demo process: {peak_mb:.0f} MB; total {summary['total_s']:.0f} s")
     console.print(
-        f"Label Studio: {labelstudio.task_url(settings, project_id, None)}  (admin {settings.label_studio_admin})"
+        f"Label Studio: {labelstudio.task_url(settings, project_id)}  (admin {settings.label_studio_admin})"
     )
     console.print(f"Prefect UI:   http://{settings.ports.host}:{settings.ports.prefect}")
     console.print(f"MLflow UI:    {settings.mlflow_ui_url}")

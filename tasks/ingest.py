@@ -18,5 +18,7 @@ def ingest(settings: Settings, source: str | None, round_no: int) -> IngestRepor
         return None
     src = Path(source)
     if not src.is_dir():
-        raise FileNotFoundError(f"ingest: source folder {src} does not exist; pass an existing folder of images")
+        raise FileNotFoundError(
+            f"ingest: source folder {src} does not exist; pass an existing folder of images"
+        )
     return ingest_folder(settings, src, round_no=round_no)

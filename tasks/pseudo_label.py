@@ -48,13 +48,15 @@ def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.nda
 
 @task(name="pseudo-label", cache_policy=NO_CACHE)
 def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
-    """Label every usable train image that people have not labeled; update score/uncertainty in the manifest."""
+    """Label every usable train image people have not labeled; update score/uncertainty in the manifest."""
     log = task_logger()
     df = load_manifest(settings)
     pool = manifest.usable(df)
     pool = pool[pool["split"] == "train"]
     if pool.empty:
-        raise ValueError(f"pseudo-label: no usable train images in {settings.manifest_path}; ingest images first")
+        raise ValueError(
+            f"pseudo-label: no usable train images in {settings.manifest_path}; ingest images first"
+        )
     images = [image_of(settings, row) for _, row in pool.iterrows()]
 
     rp = settings.round
@@ -65,7 +67,10 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
 
     defect_id = settings.class_index("defect")
     masks = [np.where(p.mask, defect_id, 0).astype(np.uint8) for p in preds]
-    uncertainty = np.array([p.uncertainty for p in preds], dtype=np.float64)
+    # Where a defect is but not which: a flagged region of the generic class leaves the class to a person,
+    # so the image is as uncertain as it gets however sure the teacher is that *something* is there.
+    class_unknown = np.array([(m == defect_id).any() for m in masks], dtype=np.float64)
+    uncertainty = np.maximum([p.uncertainty for p in preds], class_unknown)
     student_masks = _champion_masks(settings, images) if round_no > 1 else None
     if student_masks is not None:
         disagreement = np.array([1.0 - _agreement(t, s) for t, s in zip(masks, student_masks, strict=True)])

@@ -33,7 +33,8 @@ class ReviewOutcome:
 
 
 def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
-    """Most uncertain unreviewed train images first, up to the budget; the confident rest is auto-accepted.
+    """Most uncertain unreviewed train images first (then the highest scores), up to the budget; the
+    confident rest is auto-accepted.
 
     Images already queued in an earlier round stay queued (they are not sent twice) and count against
     the budget, so a backlog of unreviewed work slows new requests instead of growing without end.
@@ -41,15 +42,18 @@ def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Se
     pool = manifest.usable(df)
     pool = pool[(pool["split"] == "train") & (pool["label_source"] == "pseudo")]
     queued = pool[pool["review_state"] == "queued"]
+    # Ties (e.g. every image whose defect class is unknown) go to the most anomalous first.
     fresh = pool[pool["review_state"].isin(["none", "auto_accepted"])].sort_values(
-        ["uncertainty", "image_id"], ascending=[False, True]
+        ["uncertainty", "score", "image_id"], ascending=[False, False, True]
     )
     n_new = max(0, budget - len(queued))
     review = fresh.head(n_new)
     rest = fresh.iloc[n_new:]
     auto = rest[rest["uncertainty"] <= confident_low]
-    return Selection(review=queued["image_id"].tolist() + review["image_id"].tolist(),
-                     auto_accepted=auto["image_id"].tolist())
+    return Selection(
+        review=queued["image_id"].tolist() + review["image_id"].tolist(),
+        auto_accepted=auto["image_id"].tolist(),
+    )
 
 
 @task(name="select-for-review", cache_policy=NO_CACHE)
@@ -58,15 +62,21 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     sel = choose_for_review(df, settings.round.review_budget, settings.round.confident_low)
     df = manifest.update(df, sel.review, review_state="queued")
     # Confidence is re-judged every round: what was auto-accepted before but is uncertain now drops out.
-    df.loc[(df["review_state"] == "auto_accepted") & ~df["image_id"].isin(sel.auto_accepted), "review_state"] = "none"
+    df.loc[
+        (df["review_state"] == "auto_accepted") & ~df["image_id"].isin(sel.auto_accepted), "review_state"
+    ] = "none"
     df = manifest.update(df, sel.auto_accepted, review_state="auto_accepted")
     save_manifest(settings, df)
-    task_logger().info("review: %d images to people, %d auto-accepted", len(sel.review), len(sel.auto_accepted))
+    task_logger().info(
+        "review: %d images to people, %d auto-accepted", len(sel.review), len(sel.auto_accepted)
+    )
     return sel
 
 
 @task(name="push-to-label-studio", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> tuple[int, dict[str, int]]:
+def push_for_review(
+    settings: Settings, labels: PseudoLabels, selection: Selection
+) -> tuple[int, dict[str, int]]:
     """Create the project if missing and one task per selected image with the teacher's pre-annotation."""
     project_id = labelstudio.ensure_project(settings)
     df = load_manifest(settings).set_index("image_id")
@@ -90,7 +100,9 @@ def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selecti
 
 
 @task(name="wait-for-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def wait_for_review(settings: Settings, project_id: int, task_ids: dict[str, int], poll_s: float = 2.0) -> int:
+def wait_for_review(
+    settings: Settings, project_id: int, task_ids: dict[str, int], poll_s: float = 2.0
+) -> int:
     """Poll Label Studio until every task is annotated or the review timeout passes; return how many are done.
 
     A timeout is not a failure: the round goes on with what people finished, the rest stays queued
@@ -139,8 +151,16 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     save_manifest(settings, df)
     pending = int((df["review_state"] == "queued").sum())
     export = [
-        {"image_id": a.image_id, "task_id": a.task_id, "annotation_id": a.annotation_id,
-         "completed_by": a.completed_by, "updated_at": str(a.updated_at), "lead_time": a.lead_time}
+        {
+            "image_id": a.image_id,
+            "task_id": a.task_id,
+            "annotation_id": a.annotation_id,
+            "completed_by": a.completed_by,
+            "updated_at": str(a.updated_at),
+            "lead_time": a.lead_time,
+        }
         for a in pulled
     ]
-    return ReviewOutcome(project_id, reviewed=new_reviews, pending=pending, malformed=malformed, export=export)
+    return ReviewOutcome(
+        project_id, reviewed=new_reviews, pending=pending, malformed=malformed, export=export
+    )

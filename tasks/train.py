@@ -50,7 +50,9 @@ def training_samples(settings: Settings, round_no: int) -> tuple[list, int, int]
     samples = []
     for _, row in human.iterrows():
         hw = (int(row["height"]), int(row["width"]))
-        samples.append((image_of(settings, row), human_mask_of(settings, row["image_id"], hw), SOURCE_WEIGHTS["human"]))
+        samples.append(
+            (image_of(settings, row), human_mask_of(settings, row["image_id"], hw), SOURCE_WEIGHTS["human"])
+        )
     for _, row in pseudo.iterrows():
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(pseudo_mask_path(settings, round_no, row["image_id"]), n_classes, hw)
@@ -70,7 +72,9 @@ def train_student(settings: Settings, round_no: int) -> TrainedStudent:
     rp = settings.round
     model = FPNSegmenter(FPNConfig(num_classes=len(settings.classes), image_size=rp.image_size))
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
-    config = TrainConfig(epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed)
+    config = TrainConfig(
+        epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed
+    )
     start = time.perf_counter()
     history = train_segmenter(
         model,
@@ -112,7 +116,8 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
     defective = [i for i, m in enumerate(masks) if m.any()][:n_overlays]
     overlays = {
         f"test_{test.iloc[i]['image_id'][:12]}": np.concatenate(
-            [overlay(images[i], masks[i], settings.classes), overlay(images[i], preds[i], settings.classes)], axis=1
+            [overlay(images[i], masks[i], settings.classes), overlay(images[i], preds[i], settings.classes)],
+            axis=1,
         )
         for i in defective
     }

@@ -1,4 +1,4 @@
-"""Version the round: the round record plus the round's data in DVC, tagged `round-NNNN` in the workspace's git."""
+"""Version the round: its record plus its data in DVC, tagged `round-NNNN` in the workspace's git."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from tasks.common import task_logger
 
 def next_round_number(settings: Settings) -> int:
     """One more than the highest round recorded in the workspace."""
-    done = [int(p.name) for p in settings.rounds_dir.glob("[0-9][0-9][0-9][0-9]") if (p / "round.json").exists()]
+    done = [
+        int(p.name) for p in settings.rounds_dir.glob("[0-9][0-9][0-9][0-9]") if (p / "round.json").exists()
+    ]
     return max(done, default=0) + 1
 
 
@@ -38,8 +40,12 @@ def version_round(settings: Settings, round_no: int, record: dict[str, Any]) -> 
     record = {**record, "version": {"tag": f"round-{round_no:04d}", "data_file": "data.dvc"}}
     path = write_round_record(settings, round_no, record)
     version = versioning.version_round(
-        settings, round_no, paths_to_commit=[path], message=f"round {round_no:04d}: {record.get('summary', '')}"
+        settings,
+        round_no,
+        paths_to_commit=[path],
+        message=f"round {round_no:04d}: {record.get('summary', '')}",
     )
-    task_logger().info("data versioned: tag %s, commit %s, data md5 %s", version.tag, version.commit,
-                          version.data_md5)
+    task_logger().info(
+        "data versioned: tag %s, commit %s, data md5 %s", version.tag, version.commit, version.data_md5
+    )
     return {"tag": version.tag, "commit": version.commit, "data_md5": version.data_md5}

@@ -14,7 +14,12 @@ def png_header_only(path: Path, width: int, height: int) -> Path:
     """A PNG that declares width x height (e.g. a 20000x20000 decompression bomb) with a tiny body."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     body = zlib.compress(b"\x00" * 64)
@@ -47,7 +52,11 @@ def write_industrial_images(folder: Path, size: int = 64) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
     g16 = (rng.integers(0, 4096, (size, size)) * 16).astype(np.uint16)
-    files = {"gray16": folder / "cam_gray16.png", "gray8": folder / "cam_gray8.png", "rgba": folder / "cam_rgba.png"}
+    files = {
+        "gray16": folder / "cam_gray16.png",
+        "gray8": folder / "cam_gray8.png",
+        "rgba": folder / "cam_rgba.png",
+    }
     Image.fromarray(g16).save(files["gray16"])
     Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(files["gray8"])
     Image.fromarray(rng.integers(0, 255, (size, size, 4), dtype=np.uint8), mode="RGBA").save(files["rgba"])

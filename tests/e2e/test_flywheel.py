@@ -26,7 +26,12 @@ from tests.badfiles import write_bad_files, write_industrial_images
 pytestmark = pytest.mark.e2e
 
 TINY_ROUND = {
-    "review_budget": 5, "review_timeout_s": 180, "image_size": 128, "epochs": 2, "train_samples": 0, "batch_size": 8,
+    "review_budget": 5,
+    "review_timeout_s": 180,
+    "image_size": 128,
+    "epochs": 2,
+    "train_samples": 0,
+    "batch_size": 8,
 }
 
 
@@ -47,12 +52,18 @@ def flywheel(stack_settings, tmp_path_factory):
     settings = load_settings(ws)
 
     src = tmp_path_factory.mktemp("camera")
-    batch1 = generate(src / "batch-01", n_images=40, size=128, defect_fraction=0.4, test_fraction=0.3, seed=11)
-    batch2 = generate(src / "batch-02", n_images=16, size=128, defect_fraction=0.4, test_fraction=0.0, seed=12)
+    batch1 = generate(
+        src / "batch-01", n_images=40, size=128, defect_fraction=0.4, test_fraction=0.3, seed=11
+    )
+    batch2 = generate(
+        src / "batch-02", n_images=16, size=128, defect_fraction=0.4, test_fraction=0.0, seed=12
+    )
     bad = write_bad_files(src / "batch-03")
     industrial = write_industrial_images(src / "batch-03")
 
-    token = labelstudio.invite_annotator(settings, "e2e-annotator@loom.local", workspace_secret(settings, "E2E_PW"))
+    token = labelstudio.invite_annotator(
+        settings, "e2e-annotator@loom.local", workspace_secret(settings, "E2E_PW")
+    )
     project_id = labelstudio.ensure_project(settings)
     truth = GroundTruth([batch1, batch2], len(settings.classes))
 
@@ -75,8 +86,13 @@ def flywheel(stack_settings, tmp_path_factory):
     finally:
         stop.set()
     return {
-        "settings": settings, "records": [rec1, rec2, rec3, rec4], "hashes1": hashes1, "project_id": project_id,
-        "annotator": annotator, "bad": bad, "industrial": industrial,
+        "settings": settings,
+        "records": [rec1, rec2, rec3, rec4],
+        "hashes1": hashes1,
+        "project_id": project_id,
+        "annotator": annotator,
+        "bad": bad,
+        "industrial": industrial,
     }
 
 
@@ -150,8 +166,17 @@ def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
     Image.fromarray(frame).save(tmp_path / "frame.png")
     out = tmp_path / "pred"
     subprocess.run(
-        [str(Path(sys.executable).parent / "loom"), "predict", str(tmp_path / "frame.png"), "--out", str(out),
-         "--model", "champion", "--workspace", str(settings.workspace)],
+        [
+            str(Path(sys.executable).parent / "loom"),
+            "predict",
+            str(tmp_path / "frame.png"),
+            "--out",
+            str(out),
+            "--model",
+            "champion",
+            "--workspace",
+            str(settings.workspace),
+        ],
         check=True,
     )
     amap = np.load(out / "maps" / "frame.npy")

@@ -137,6 +137,7 @@ def test_pretrained_model_recognises_a_photograph(pretrained: EfficientNetLite0)
 def test_matches_timm_tensorflow_port_exactly(pretrained: EfficientNetLite0) -> None:
     """timm's independent TF-padding port of Lite0, given the same tensors, computes the same logits."""
     import timm  # installed with open_clip_torch
+
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     ours = pretrained.state_dict()
     theirs = reference.state_dict()

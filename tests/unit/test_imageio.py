@@ -104,6 +104,7 @@ def test_mode_i_32bit_tiff(tmp_path: Path) -> None:
 
 def test_rgb16_png_uses_the_used_bit_depth(tmp_path: Path) -> None:
     import cv2  # installed with label-studio-sdk
+
     rgb12 = (gradient().astype(np.uint16) * 16).clip(0, 4095)  # 12-bit colour data
     cv2.imwrite(str(tmp_path / "rgb16.png"), rgb12[:, :, ::-1])  # OpenCV writes BGR
     out = read_image(tmp_path / "rgb16.png")

@@ -49,6 +49,7 @@ def test_random_maps_score_about_one_half() -> None:
 
 def test_pixel_auroc_matches_sklearn_with_ties() -> None:
     from sklearn import metrics as sklearn_metrics  # installed with mlflow
+
     rng = np.random.default_rng(4)
     masks = [(rng.random((24, 24)) < 0.2).astype(np.uint8) for _ in range(5)]
     # Rounded, shifted scores: many ties between classes, and a real signal.
