@@ -35,6 +35,25 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
+def review_uncertainty(preds: list, masks: list[np.ndarray], defect_id: int) -> np.ndarray:
+    """How much a person's look at each image is worth, in [0, 1].
+
+    - A flagged region of the generic ``defect`` class says where a defect is but not which: the class is
+      left to a person, so the image is fully uncertain however sure the teacher is that something is there.
+    - For the rest, the teacher's own uncertainty is scaled by the image's score rank in the pool: absolute
+      scores are not comparable across fabrics and pools, ranks are. The most normal-looking images become
+      confident (auto-accepted as normal), those just under the threshold stay uncertain.
+    """
+    scores = np.array([p.score for p in preds], dtype=np.float64)
+    own = np.array([p.uncertainty for p in preds], dtype=np.float64)
+    flagged = np.array([(m == defect_id).any() for m in masks])
+    rank = np.zeros_like(scores)
+    if (~flagged).sum() > 1:
+        order = scores[~flagged].argsort().argsort()
+        rank[~flagged] = order / ((~flagged).sum() - 1)
+    return np.where(flagged, 1.0, own * rank)
+
+
 def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.ndarray] | None:
     from loom.tracking import champion, download_student
     from models.student.fpn import FPNSegmenter
@@ -67,10 +86,7 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
 
     defect_id = settings.class_index("defect")
     masks = [np.where(p.mask, defect_id, 0).astype(np.uint8) for p in preds]
-    # Where a defect is but not which: a flagged region of the generic class leaves the class to a person,
-    # so the image is as uncertain as it gets however sure the teacher is that *something* is there.
-    class_unknown = np.array([(m == defect_id).any() for m in masks], dtype=np.float64)
-    uncertainty = np.maximum([p.uncertainty for p in preds], class_unknown)
+    uncertainty = review_uncertainty(preds, masks, defect_id)
     student_masks = _champion_masks(settings, images) if round_no > 1 else None
     if student_masks is not None:
         disagreement = np.array([1.0 - _agreement(t, s) for t, s in zip(masks, student_masks, strict=True)])

@@ -74,3 +74,18 @@ def test_selection_breaks_uncertainty_ties_by_score():
     df = _rows(3, split="train", label_source="pseudo", review_state="none", uncertainty=[1.0, 1.0, 0.2],
                score=[0.3, 0.9, 0.1])
     assert choose_for_review(df, budget=1, confident_low=0.0).review == ["id01"]
+
+
+def test_review_uncertainty_flags_unnamed_defects_and_ranks_the_rest():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from tasks.pseudo_label import review_uncertainty
+
+    preds = [SimpleNamespace(score=s, uncertainty=0.8) for s in (0.1, 0.5, 0.3, 0.9)]
+    masks = [np.zeros((4, 4), np.uint8) for _ in preds]
+    masks[3][1, 1] = 6  # the generic "defect" class
+    unc = review_uncertainty(preds, masks, defect_id=6)
+    assert unc[3] == 1.0
+    assert unc[0] == 0.0 and unc[0] < unc[2] < unc[1] <= 0.8
