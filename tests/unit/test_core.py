@@ -71,8 +71,14 @@ def test_selection_counts_the_backlog_and_skips_test_human_and_quarantined():
 
 
 def test_selection_breaks_uncertainty_ties_by_score():
-    df = _rows(3, split="train", label_source="pseudo", review_state="none", uncertainty=[1.0, 1.0, 0.2],
-               score=[0.3, 0.9, 0.1])
+    df = _rows(
+        3,
+        split="train",
+        label_source="pseudo",
+        review_state="none",
+        uncertainty=[1.0, 1.0, 0.2],
+        score=[0.3, 0.9, 0.1],
+    )
     assert choose_for_review(df, budget=1, confident_low=0.0).review == ["id01"]
 
 
