@@ -166,6 +166,7 @@ def run_demo(
         "rounds": rows,
         "step_seconds": [r["step_seconds"] for r in records],
         "peak_rss_mb": peak_mb,
+        "server_rss_mb": server_memory_mb(settings),
         "total_s": time.perf_counter() - start,
         "corrections": len(annotator.corrections),
     }
