@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +17,7 @@ from models.student.fpn import FPNConfig, FPNSegmenter
 CLASSES = ("hole", "stain", "defect")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One torch thread: tiny models gain nothing from two, and on a busy machine two threads spinning
-    at every barrier make each step up to 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def read_scores(out_dir: Path) -> list[dict[str, str]]:

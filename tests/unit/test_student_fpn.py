@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +22,7 @@ from models.student.training import (
 NUM_CLASSES = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One torch thread: tiny models gain nothing from two, and on a busy machine two threads spinning
-    at every barrier make each step up to 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(seed: int = 0, image_size: int = 64) -> FPNSegmenter:
