@@ -30,6 +30,7 @@ class Correction:
     image_id: str
     task_id: int
     pred_iou: float  # prediction vs truth over defect pixels, same class required; 1.0 when both are empty
+    region_iou: float  # the same, whatever the class: did the pre-annotation find the right pixels?
     pixels_added: int  # defect in the truth, background in the prediction
     pixels_removed: int  # defect in the prediction, background in the truth
     pixels_relabelled: int  # defect in both, but of another class
@@ -58,6 +59,7 @@ def compare_masks(
         image_id=image_id,
         task_id=task_id,
         pred_iou=defect_iou(pred, truth),
+        region_iou=defect_iou(pred > 0, truth > 0),
         pixels_added=int(np.count_nonzero((truth > 0) & (pred == 0))),
         pixels_removed=int(np.count_nonzero((pred > 0) & (truth == 0))),
         pixels_relabelled=int(np.count_nonzero((pred > 0) & (truth > 0) & (pred != truth))),

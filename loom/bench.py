@@ -40,14 +40,15 @@ def report(workspace: Path) -> str:
     records = [json.loads(p.read_text()) for p in sorted((workspace / "rounds").glob("*/round.json"))]
     lines = [f"Machine: {machine()}", ""]
     lines += [
-        "| round | ingested | reviewed | auto-accepted | mIoU | pixel AUROC | AUPRO@0.3 | image AUROC "
-        "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| round | ingested | reviewed | auto-accepted | pre-label IoU | mIoU | pixel AUROC | AUPRO@0.3 "
+        "| image AUROC | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, rec in zip(summary["rounds"], records, strict=False):
         m = rec["metrics"]
         lines.append(
             f"| {row['round']} | {row['ingested']} | {row['reviewed']} | {row['auto_accepted']} "
+            f"| {row.get('prelabel_iou', float('nan')):.3f} "
             f"| {m.get('miou', 0):.3f} "
             f"| {m.get('pixel_auroc', 0):.3f} | {m.get('aupro_0.3', 0):.3f} | {m.get('image_auroc', 0):.3f} "
             f"| {row['wall_s']:.0f} |"

@@ -11,6 +11,7 @@ import json
 import logging
 import resource
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
         "auto-accepted",
         "student mIoU",
         "pixel AUROC",
+        "pre-label IoU",
         "champion",
         "wall time",
     ):
@@ -110,6 +112,7 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
             str(r["auto_accepted"]),
             f"{r['miou']:.3f}",
             f"{r['pixel_auroc']:.3f}",
+            f"{r.get('prelabel_iou', float('nan')):.3f}",
             "yes" if r["promoted"] else "no",
             f"{r['wall_s']:.0f} s",
         )
@@ -133,7 +136,7 @@ def server_memory_mb(settings: Settings) -> dict[str, float]:
 def run_demo(
     settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
 ) -> list[dict]:
-    console = Console(width=max(Console().width, 110))
+    console = Console(width=max(Console().width, 125))
     start = time.perf_counter()
     console.print(f"[bold]Loom demo[/bold] in {settings.workspace}: {rounds} rounds")
     batches = make_batches(settings, rounds, n_images)
@@ -153,9 +156,13 @@ def run_demo(
     rows, records = [], []
     try:
         for batch in batches:
-            t0 = time.perf_counter()
+            t0, seen = time.perf_counter(), len(annotator.corrections)
             record = run_round(settings, source=batch, review_timeout_s=900)
-            rows.append(round_row(record, time.perf_counter() - t0))
+            row = round_row(record, time.perf_counter() - t0)
+            # How good the pre-annotations people saw were: the teacher's side of the flywheel.
+            made = annotator.corrections[seen:]
+            row["prelabel_iou"] = float(np.mean([c.region_iou for c in made])) if made else float("nan")
+            rows.append(row)
             records.append(record)
             print_table(rows, console)
     finally:
@@ -168,7 +175,7 @@ def run_demo(
         "peak_rss_mb": peak_mb,
         "server_rss_mb": server_memory_mb(settings),
         "total_s": time.perf_counter() - start,
-        "corrections": len(annotator.corrections),
+        "corrections": [asdict(c) for c in annotator.corrections],
     }
     (settings.workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"peak memory of the demo process: {peak_mb:.0f} MB; total {summary['total_s']:.0f} s")

@@ -120,3 +120,16 @@ def test_label_config_lists_every_class_for_brush_and_smart_clicks() -> None:
     for name in CLASSES:
         assert f'<Label value="{name}" background=' in config
         assert f'<Label value="{name}" smart="true" background=' in config
+
+
+def test_correction_separates_finding_the_region_from_naming_its_class():
+    from loom.annotator import compare_masks
+
+    pred = np.zeros((8, 8), np.uint8)
+    truth = np.zeros((8, 8), np.uint8)
+    pred[2:4, 2:4] = 6  # the teacher found the region but called it "defect"
+    truth[2:4, 2:4] = 1  # a person says: hole
+    c = compare_masks("img", 1, pred, truth, ("hole", "stain", "broken_yarn", "knot", "misweave", "defect"))
+    assert c.region_iou == 1.0 and c.pred_iou == 0.0
+    assert c.pixels_relabelled == 4 and c.pixels_added == c.pixels_removed == 0
+    assert c.classes_before == ("defect",) and c.classes_after == ("hole",)
