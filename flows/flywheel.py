@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from loom.config import load_settings
 from tasks.ingest import ingest
 from tasks.pseudo_label import pseudo_label
-from tasks.review import pull_corrections, push_for_review, select_for_review, wait_for_review
+from tasks.review import human_review, select_for_review
 from tasks.track import log_and_promote
 from tasks.train import evaluate_student, train_student
 from tasks.version import next_round_number, version_round
@@ -54,12 +54,8 @@ def flywheel_round(
         labels = pseudo_label(settings, round_no)
     with clock.step("select"):
         selection = select_for_review(settings, labels)
-    with clock.step("push_to_label_studio"):
-        project_id, task_ids = push_for_review(settings, labels, selection)
-    with clock.step("wait_for_review"):
-        wait_for_review(settings, project_id, task_ids)
-    with clock.step("pull_corrections"):
-        review = pull_corrections(settings, project_id)
+    review = human_review(settings, labels, selection)
+    clock.seconds.update(review.seconds)
     with clock.step("train"):
         student = train_student(settings, round_no)
     with clock.step("evaluate"):
@@ -70,7 +66,12 @@ def flywheel_round(
     record = {
         "round": round_no,
         "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
-        "label_studio": {"project_id": project_id, "task_ids": task_ids, "export": review.export},
+        "label_studio": {
+            "project_id": review.project_id,
+            "task_ids": review.task_ids,
+            "export": review.export,
+            "skipped": review.skipped,
+        },
         "mlflow": asdict(promotion),
         "counts": {
             "ingested": len(ingested.added) if ingested else 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +26,14 @@ class Selection:
 
 @dataclass
 class ReviewOutcome:
-    project_id: int
+    project_id: int | None
     reviewed: int  # newly reviewed this round (annotations re-read from earlier rounds are not counted)
     pending: int
     malformed: list[tuple[str, str]] = field(default_factory=list)
     export: list[dict] = field(default_factory=list)  # who annotated what, when: kept in the round record
+    task_ids: dict[str, int] = field(default_factory=dict)
+    skipped: str = ""  # why there was no review this round (Label Studio unreachable), else empty
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
@@ -164,3 +168,34 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     return ReviewOutcome(
         project_id, reviewed=new_reviews, pending=pending, malformed=malformed, export=export
     )
+
+
+def human_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> ReviewOutcome:
+    """Push the selection to Label Studio, wait for people, pull their corrections back.
+
+    Label Studio being down must not cost the night's round: after the I/O retries the round goes on
+    without new reviews (trained on the labels it has), the selected images stay queued for the next
+    round, and the record says why.
+    """
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[name] = round(time.perf_counter() - start, 3)
+
+    try:
+        project_id, task_ids = timed("push_to_label_studio", push_for_review, settings, labels, selection)
+        timed("wait_for_review", wait_for_review, settings, project_id, task_ids)
+        outcome = timed("pull_corrections", pull_corrections, settings, project_id)
+    except labelstudio.LabelStudioError as err:
+        task_logger().error(
+            "no review this round: %s; the %d selected images stay queued", err, len(selection.review)
+        )
+        return ReviewOutcome(
+            None, reviewed=0, pending=len(selection.review), skipped=str(err), seconds=seconds
+        )
+    outcome.task_ids, outcome.seconds = task_ids, seconds
+    return outcome

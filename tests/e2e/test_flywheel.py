@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from loom import labelstudio, versioning
+from loom import labelstudio, manifest, versioning
 from loom.annotator import SimulatedAnnotator
 from loom.config import PROJECT_ROOT, load_settings, workspace_secret
 from loom.datasets.fabric import generate, render_sample
@@ -206,3 +206,31 @@ def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
     record = json.loads((settings.round_dir(5) / "round.json").read_text())
     assert record["prefect_flow_run_id"] == str(run.id)
     assert record["counts"]["sent_to_review"] == 0
+
+
+def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settings, tmp_path, monkeypatch):
+    """A real fault: nothing listens on the Label Studio port. No review, but a trained, versioned round."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    monkeypatch.setenv("LOOM_LS_PORT", str(dead_port))
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["round"].update(TINY_ROUND)
+    (ws / "params.yaml").write_text(yaml.safe_dump(params))
+    settings = load_settings(ws)
+    batch = generate(
+        tmp_path / "batch", n_images=24, size=128, defect_fraction=0.4, test_fraction=0.3, seed=21
+    )
+
+    record = run_round(settings, source=batch)
+
+    assert record["label_studio"]["project_id"] is None
+    assert str(dead_port) in record["label_studio"]["skipped"]
+    assert record["counts"]["reviewed"] == 0 and record["counts"]["pending_review"] > 0
+    assert (settings.round_dir(1) / "round.json").exists() and record["git"]["tag"] == "round-0001"
+    queued = manifest.load(settings.manifest_path).query("review_state == 'queued'")
+    assert len(queued) == record["counts"]["sent_to_review"]  # nothing lost: they wait for the next round
