@@ -15,6 +15,7 @@ from loom import manifest
 from loom.config import Settings
 from loom.imageio import read_mask
 from loom.metrics import evaluate_segmentation
+from loom.plots import per_class_bars
 from loom.predict import overlay
 from models.student.fpn import IGNORE_INDEX, FPNConfig, FPNSegmenter
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
@@ -121,4 +122,7 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
         )
         for i in defective
     }
+    bars = per_class_bars(metrics, settings.classes)
+    if bars is not None:
+        overlays["per_class_iou"] = bars
     return Evaluation(metrics=metrics, n_test=len(images), overlays=overlays)

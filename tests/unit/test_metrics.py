@@ -217,3 +217,12 @@ def test_large_split_is_fast_enough() -> None:
     auroc = metrics.pixel_auroc(maps, masks)
     assert time.perf_counter() - start < 10.0
     assert 0.5 < value < 1.0 and 0.5 < auroc < 1.0
+
+
+def test_per_class_bars_render_only_scored_classes():
+    from loom.plots import per_class_bars
+
+    assert per_class_bars({"miou": 0.5}, ("hole", "stain")) is None
+    image = per_class_bars({"iou_hole": 0.5, "dice_hole": 0.66, "miou": 0.5}, ("hole", "stain"))
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    assert image.std() > 0  # something was drawn
