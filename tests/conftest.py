@@ -79,6 +79,10 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
         yield settings
     finally:
         if not reuse:
+            # Flows ran against this Prefect server: send their last logs before it goes away.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=30)
             stack.down(settings)
         for key, value in saved.items():
             if value is None:

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from flows.flywheel import flywheel_round
 from loom import labelstudio, manifest, versioning
 from loom.annotator import SimulatedAnnotator
 from loom.config import PROJECT_ROOT, load_settings, workspace_secret
@@ -228,7 +230,9 @@ def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settin
         tmp_path / "batch", n_images=24, size=128, defect_fraction=0.4, test_fraction=0.3, seed=21
     )
 
-    record = run_round(settings, source=batch)
+    # This workspace has no stack of its own: run against the session's Prefect server.
+    with temporary_settings(updates={PREFECT_API_URL: stack_settings.prefect_api_url}):
+        record = flywheel_round(workspace=str(ws), source=str(batch))
 
     assert record["label_studio"]["project_id"] is None
     assert str(dead_port) in record["label_studio"]["skipped"]
