@@ -89,6 +89,19 @@ def update(df: pd.DataFrame, image_ids: list[str] | pd.Series, **values: object)
     return normalize(df)
 
 
+def update_rows(df: pd.DataFrame, updates: pd.DataFrame) -> pd.DataFrame:
+    """Set per-image values in one pass: ``updates`` has an ``image_id`` column plus the columns to set."""
+    unknown = set(updates.columns) - set(COLUMNS)
+    if unknown:
+        raise KeyError(f"unknown manifest columns {sorted(unknown)}")
+    out = df.set_index("image_id")
+    new = updates.set_index("image_id")
+    new = new[new.index.isin(out.index)]
+    for col in new.columns:
+        out.loc[new.index, col] = new[col].to_numpy()
+    return normalize(out.reset_index())
+
+
 def usable(df: pd.DataFrame) -> pd.DataFrame:
     """Rows not quarantined."""
     return df[df["quarantine_reason"].fillna("") == ""]

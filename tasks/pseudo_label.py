@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -103,18 +104,17 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
         image_threshold=teacher.image_threshold,
     )
 
-    not_human = pool["label_source"] != "human"
-    for (_, row), p, m, u in zip(pool.iterrows(), preds, masks, uncertainty, strict=True):
-        if row["label_source"] == "human":
-            continue
-        df = manifest.update(
-            df,
-            [row["image_id"]],
-            score=float(p.score),
-            uncertainty=float(u),
-            label_source="pseudo",
-            classes=class_names(m, settings.classes),
-        )
+    not_human = (pool["label_source"] != "human").to_numpy()
+    labeled = pd.DataFrame(
+        {
+            "image_id": ids,
+            "score": [float(p.score) for p in preds],
+            "uncertainty": uncertainty,
+            "label_source": "pseudo",
+            "classes": [class_names(m, settings.classes) for m in masks],
+        }
+    )
+    df = manifest.update_rows(df, labeled[not_human])
     save_manifest(settings, df)
     log.info(
         "teacher labeled %d images (%d human-labeled kept); image threshold %.4f",

@@ -95,3 +95,19 @@ def test_review_uncertainty_flags_unnamed_defects_and_ranks_the_rest():
     unc = review_uncertainty(preds, masks, defect_id=6)
     assert unc[3] == 1.0
     assert unc[0] == 0.0 and unc[0] < unc[2] < unc[1] <= 0.8
+
+
+def test_update_rows_sets_values_per_image_and_ignores_unknown_ids():
+    df = _rows(3, split="train")
+    updates = pd.DataFrame(
+        {"image_id": ["id02", "id00", "nope"], "score": [0.2, 0.9, 1.0], "classes": ["a", "b", "c"]}
+    )
+    out = manifest.update_rows(df, updates).set_index("image_id")
+    assert (
+        out.loc["id00", "score"] == 0.9
+        and out.loc["id02", "score"] == 0.2
+        and pd.isna(out.loc["id01", "score"])
+    )
+    assert out.loc["id00", "classes"] == "b" and len(out) == 3
+    with pytest.raises(KeyError):
+        manifest.update_rows(df, pd.DataFrame({"image_id": ["id00"], "bogus": [1]}))
