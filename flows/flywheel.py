@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -11,27 +9,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from loom.config import load_settings
+from tasks.common import StepClock
 from tasks.ingest import ingest
 from tasks.pseudo_label import pseudo_label
 from tasks.review import human_review, select_for_review
 from tasks.track import log_and_promote
 from tasks.train import evaluate_student, train_student
 from tasks.version import next_round_number, version_round
-
-
-class StepClock:
-    """Wall time per step, for the round record and BENCHMARKS.md."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def step(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
 @flow(name="flywheel-round")
@@ -54,8 +38,7 @@ def flywheel_round(
         labels = pseudo_label(settings, round_no)
     with clock.step("select"):
         selection = select_for_review(settings, labels)
-    review = human_review(settings, labels, selection)
-    clock.seconds.update(review.seconds)
+    review = human_review(settings, labels, selection, clock)
     with clock.step("train"):
         student = train_student(settings, round_no)
     with clock.step("evaluate"):

@@ -12,19 +12,6 @@ import platform
 import sys
 from pathlib import Path
 
-STEPS = (
-    "ingest",
-    "pseudo_label",
-    "select",
-    "push_to_label_studio",
-    "wait_for_review",
-    "pull_corrections",
-    "train",
-    "evaluate",
-    "log_and_promote",
-    "version",
-)
-
 
 def machine() -> str:
     import torch
@@ -58,7 +45,7 @@ def report(workspace: Path) -> str:
         "| step | " + " | ".join(f"round {r['round']}" for r in summary["rounds"]) + " |",
         "|---|" + "---|" * len(summary["rounds"]),
     ]
-    for step in STEPS:
+    for step in summary["step_seconds"][0]:  # in the order the round ran them
         lines.append(
             f"| {step} | " + " | ".join(f"{s.get(step, 0):.1f} s" for s in summary["step_seconds"]) + " |"
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,7 +13,15 @@ from prefect.cache_policies import NO_CACHE
 from loom import labelstudio, manifest
 from loom.config import Settings
 from loom.imageio import read_mask, write_mask
-from tasks.common import class_names, load_manifest, pseudo_mask_path, save_manifest, task_logger
+from tasks.common import (
+    StepClock,
+    class_names,
+    human_mask_of,
+    load_manifest,
+    pseudo_mask_path,
+    save_manifest,
+    task_logger,
+)
 from tasks.pseudo_label import PseudoLabels
 
 
@@ -33,7 +40,6 @@ class ReviewOutcome:
     export: list[dict] = field(default_factory=list)  # who annotated what, when: kept in the round record
     task_ids: dict[str, int] = field(default_factory=dict)
     skipped: str = ""  # why there was no review this round (Label Studio unreachable), else empty
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
@@ -137,14 +143,22 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     already = set(df.loc[df["review_state"] == "reviewed", "image_id"])
     new_reviews = sum(ann.image_id not in already for ann in pulled)
     for ann in pulled:
-        write_mask(settings.masks_dir / f"{ann.image_id}.png", ann.mask.astype(np.uint8))
-        df = manifest.update(
-            df,
-            [ann.image_id],
-            label_source="human",
-            review_state="reviewed",
-            classes=class_names(ann.mask, settings.classes),
+        mask = ann.mask.astype(np.uint8)
+        # Earlier rounds' annotations come back every round: rewrite only the masks people changed.
+        unchanged = ann.image_id in already and np.array_equal(
+            human_mask_of(settings, ann.image_id, mask.shape), mask
         )
+        if not unchanged:
+            write_mask(settings.masks_dir / f"{ann.image_id}.png", mask)
+    reviewed = pd.DataFrame(
+        {
+            "image_id": [ann.image_id for ann in pulled],
+            "label_source": "human",
+            "review_state": "reviewed",
+            "classes": [class_names(ann.mask, settings.classes) for ann in pulled],
+        }
+    )
+    df = manifest.update_rows(df, reviewed)
     if malformed:
         reasons = settings.quarantine_dir / "annotations.csv"
         reasons.parent.mkdir(parents=True, exist_ok=True)
@@ -170,32 +184,26 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     )
 
 
-def human_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> ReviewOutcome:
+def human_review(
+    settings: Settings, labels: PseudoLabels, selection: Selection, clock: StepClock
+) -> ReviewOutcome:
     """Push the selection to Label Studio, wait for people, pull their corrections back.
 
     Label Studio being down must not cost the night's round: after the I/O retries the round goes on
     without new reviews (trained on the labels it has), the selected images stay queued for the next
     round, and the record says why.
     """
-    seconds: dict[str, float] = {}
-
-    def timed(name: str, fn: Callable, *args):
-        start = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            seconds[name] = round(time.perf_counter() - start, 3)
-
     try:
-        project_id, task_ids = timed("push_to_label_studio", push_for_review, settings, labels, selection)
-        timed("wait_for_review", wait_for_review, settings, project_id, task_ids)
-        outcome = timed("pull_corrections", pull_corrections, settings, project_id)
+        with clock.step("push_to_label_studio"):
+            project_id, task_ids = push_for_review(settings, labels, selection)
+        with clock.step("wait_for_review"):
+            wait_for_review(settings, project_id, task_ids)
+        with clock.step("pull_corrections"):
+            outcome = pull_corrections(settings, project_id)
     except labelstudio.LabelStudioError as err:
         task_logger().error(
             "no review this round: %s; the %d selected images stay queued", err, len(selection.review)
         )
-        return ReviewOutcome(
-            None, reviewed=0, pending=len(selection.review), skipped=str(err), seconds=seconds
-        )
-    outcome.task_ids, outcome.seconds = task_ids, seconds
+        return ReviewOutcome(None, reviewed=0, pending=len(selection.review), skipped=str(err))
+    outcome.task_ids = task_ids
     return outcome
