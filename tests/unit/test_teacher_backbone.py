@@ -140,3 +140,29 @@ def test_bad_input_is_reported_clearly() -> None:
         teacher.fit_pool([woven(32, 32, 0), woven(32, 32, 0)])
     with pytest.raises(ValueError, match="tile_overlap"):
         BackboneTeacher(TeacherConfig(pretrained=False, image_size=64, tile_overlap=64))
+
+
+def test_few_shot_bank_finds_a_defect_that_recurs_across_the_pool(
+    pretrained_teacher: BackboneTeacher,
+) -> None:
+    """Mutual scoring finds a neighbour for a defect seen in three images; known-good references do not."""
+    from models.teacher.types import Teacher
+
+    assert isinstance(pretrained_teacher, Teacher)
+    images = pool_with_square()
+    for index in (2, 7):
+        images[index][24:40, 28:44] = 250  # the same square in images 2, 5 and 7
+    recurring = (2, 5, 7)
+    pretrained_teacher.fit(images, [woven(64, 64, 100), woven(64, 64, 101)])
+    predictions = pretrained_teacher.predict(images)
+    for index, prediction in enumerate(predictions):
+        if index in recurring:
+            assert prediction.mask[28:36, 32:40].all()
+        else:
+            assert prediction.mask.sum() < 0.05 * predictions[5].mask.sum()
+    # A new image is scored against the thresholds chosen on the pool.
+    (unseen,) = pretrained_teacher.predict([woven(64, 64, 200)])
+    assert unseen.score < pretrained_teacher.image_threshold and not unseen.mask.any()
+    # Without normals the same call is plain mutual scoring again.
+    pretrained_teacher.fit(images)
+    assert pretrained_teacher._normal_bank is None

@@ -61,6 +61,8 @@ from models.backbone.efficientnet_lite import (
     load_pretrained_lite0,
     normalize,
 )
+from models.teacher.backbone.memory_bank import CompressedMemoryBank, MemoryBankConfig
+from models.teacher.types import TeacherPrediction
 from models.tiling import stitch_tiles, tile_origins
 
 logger = logging.getLogger(__name__)
@@ -89,20 +91,6 @@ class TeacherConfig:
     smoothing_sigma: float = 4.0
     threshold_mads: float = 6.0
     feature_cache_mb: int = 1024
-
-
-@dataclass
-class TeacherPrediction:
-    """One image's pseudo-label.
-
-    anomaly_map: (H, W) float32 at input resolution; score: its maximum; mask: (H, W) bool;
-    uncertainty: in [0, 1], 1 at the image threshold.
-    """
-
-    anomaly_map: np.ndarray
-    score: float
-    mask: np.ndarray
-    uncertainty: float
 
 
 @dataclass(frozen=True)
@@ -169,11 +157,16 @@ def _mad_sigma(values: np.ndarray) -> tuple[float, float]:
 
 
 class BackboneTeacher:
-    """Zero-shot mutual-scoring teacher over an unlabeled pool (see the module docstring).
+    """Zero-shot mutual-scoring teacher over an unlabeled pool (see the module docstring), few-shot with a
+    compressed memory bank when known-good references are given.
 
-    Usage: `teacher.fit_pool(images)` then `teacher.predict_pool(images)`; after that `pixel_threshold`
-    and `image_threshold` hold the thresholds chosen from the pool.
+    Usage: `teacher.fit(pool, normals)` then `teacher.predict(images)` (the `Teacher` protocol), or
+    `fit_pool(images)` then `predict_pool(images)`; after that `pixel_threshold` and `image_threshold` hold
+    the thresholds chosen from the pool.
     """
+
+    name = "backbone"
+    class_names: tuple[str, ...] = ()  # cannot tell defect types apart; regions are named elsewhere
 
     def __init__(self, config: TeacherConfig | None = None):
         self.config = config or TeacherConfig()
@@ -193,6 +186,8 @@ class BackboneTeacher:
         self._bank_rows: dict[str, list[tuple[int, int]]] = {}  # image key -> [start, end) row ranges
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # mean (152,), basis (152, D)
         self._feature_cache: dict[str, list[torch.Tensor]] = {}
+        self._normal_bank: CompressedMemoryBank | None = None  # few-shot: set by fit(pool, normals)
+        self._calibration_pool: list[np.ndarray] | None = None  # the pool whose statistics set thresholds
 
     # ---------------------------------------------------------------- features
     def _layout(self, image: np.ndarray) -> _TileLayout:
@@ -311,7 +306,11 @@ class BackboneTeacher:
     def _anomaly_map(self, layout: _TileLayout, tile_features: list[torch.Tensor], key: str) -> np.ndarray:
         """Score every tile's patches, upsample to the tile, blend the tiles, smooth: (H, W) float32."""
         grid = (math.ceil(layout.tile_height / PATCH_STRIDE), math.ceil(layout.tile_width / PATCH_STRIDE))
-        scores = self._patch_scores(torch.cat(tile_features), self._bank_rows.get(key, []))
+        patches = torch.cat(tile_features)
+        if self._normal_bank is not None:
+            scores = self._normal_bank.score(patches.float())
+        else:
+            scores = self._patch_scores(patches, self._bank_rows.get(key, []))
         tile_maps = F.interpolate(
             scores.view(len(tile_features), 1, *grid),
             size=(layout.tile_height, layout.tile_width),
@@ -378,6 +377,53 @@ class BackboneTeacher:
             uncertainty = math.exp(-0.5 * ((score - self.image_threshold) / self._score_sigma) ** 2)
             predictions.append(TeacherPrediction(anomaly_map, float(score), mask, float(uncertainty)))
         return predictions
+
+    # ---------------------------------------------------------------- the Teacher protocol
+    def fit(self, pool: Sequence[np.ndarray], normals: Sequence[np.ndarray] = ()) -> None:
+        """Zero-shot (no normals): `fit_pool(pool)`. Few-shot: a compressed memory bank of the normals'
+        patches (memory_bank.py) replaces mutual scoring; `pool` is kept only to choose the thresholds.
+
+        With references, every patch is scored against known-good fabric only, so a defect that recurs
+        across the pool (where mutual scoring finds it a neighbour) still stands out. Thresholds stay the
+        pool's robust statistics (see `predict`): normals scored against a bank built from themselves
+        would look better than unseen normal images and give too low a threshold.
+        """
+        _check_images(pool)
+        if not normals:
+            self._normal_bank = None
+            self.fit_pool(pool)
+            return
+        _check_images(normals)
+        patches = torch.cat([torch.cat(tiles) for _, tiles in self._extract(normals)])
+        self._normal_bank = CompressedMemoryBank(MemoryBankConfig(seed=self.config.seed)).fit(patches)
+        self._bank, self._bank_rows, self._feature_cache = None, {}, {}
+        self._calibration_pool = list(pool)
+        logger.info("few-shot bank: %d centroids from %d normal images", self._normal_bank.size, len(normals))
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
+        """Predictions for `images`; thresholds are chosen from the fitted pool (the images themselves when
+        they are that pool)."""
+        if self._normal_bank is None:
+            return self.predict_pool(images)
+        pool, self._calibration_pool = self._calibration_pool, None
+        if pool is None:  # thresholds were chosen by an earlier call
+            return self._predict_with_bank(images, update_thresholds=self._score_sigma is None)
+        if len(pool) == len(images) and all(a is b for a, b in zip(pool, images, strict=True)):
+            return self._predict_with_bank(images, update_thresholds=True)
+        self._predict_with_bank(pool, update_thresholds=True)
+        return self._predict_with_bank(images, update_thresholds=False)
+
+    def _predict_with_bank(
+        self, images: Sequence[np.ndarray], update_thresholds: bool
+    ) -> list[TeacherPrediction]:
+        bank_less = self._bank is None
+        if bank_less:  # predict_pool insists on a fitted pool bank; the normal bank stands in for it
+            self._bank = torch.zeros(1, PATCH_FEATURE_DIM)
+        try:
+            return self.predict_pool(images, update_thresholds=update_thresholds)
+        finally:
+            if bank_less:
+                self._bank = None
 
     def fit_predict_pool(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
         """`fit_pool(images)` then `predict_pool(images)`."""
