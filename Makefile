@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 STAMP_LS := $(VENV_LS)/.installed
 LS_VERSION := 1.23.2
 
-.PHONY: setup demo test test-unit test-integration test-e2e lint format bench clean
+.PHONY: setup demo test test-unit test-integration test-e2e lint format bench bench-setup clean
 
 setup: $(STAMP) $(STAMP_LS)
 
@@ -45,5 +45,14 @@ format: setup
 bench: setup
 	$(VENV)/bin/python -m loom.bench
 
+# anomalib, to compare the open_clip teacher with its WinCLIP (benchmarks/openclip_cost.py), in a venv of its
+# own that also sees the project's packages (a relative .pth line): its [clip] extra pins an older open_clip.
+VENV_BENCH := .venv-bench
+bench-setup: $(STAMP)
+	$(VENV)/bin/pip install -q -e ".[dev,bench]"
+	@test -x $(VENV_BENCH)/bin/python || $(PY) -m venv $(VENV_BENCH)
+	echo "../../../../$(VENV)/lib/python3.11/site-packages" > $(VENV_BENCH)/lib/python3.11/site-packages/loom-main-venv.pth
+	$(VENV_BENCH)/bin/pip install -q "anomalib==2.7.0"
+
 clean:
-	rm -rf $(VENV) $(VENV_LS) workspace
+	rm -rf $(VENV) $(VENV_LS) $(VENV_BENCH) workspace

@@ -40,11 +40,16 @@ def flywheel_round(
         selection = select_for_review(settings, labels)
     review = human_review(settings, labels, selection, clock)
     with clock.step("train"):
-        student = train_student(settings, round_no)
+        students = [
+            train_student(settings, round_no, name, labels.pixel_threshold)
+            for name in settings.round.students
+        ]
     with clock.step("evaluate"):
-        evaluation = evaluate_student(settings, student)
+        evaluations = [evaluate_student(settings, student) for student in students]
     with clock.step("log_and_promote"):
-        promotion = log_and_promote(settings, round_no, student, evaluation, asdict(settings.round))
+        promotion = log_and_promote(settings, round_no, students, evaluations, asdict(settings.round))
+    best = [student.name for student in students].index(promotion.student)
+    student, evaluation = students[best], evaluations[best]
 
     record = {
         "round": round_no,
@@ -71,9 +76,16 @@ def flywheel_round(
             "test": evaluation.n_test,
         },
         "metrics": evaluation.metrics,
+        "students": {
+            s.name: {"metrics": e.metrics, "train_seconds": s.seconds}
+            for s, e in zip(students, evaluations, strict=True)
+        },
         "params": asdict(settings.round),
         "teacher": {"model_version": labels.model_version, "image_threshold": labels.image_threshold},
-        "summary": f"{len(selection.review)} sent to review, mIoU {evaluation.metrics.get('miou', 0.0):.3f}",
+        "summary": (
+            f"{len(selection.review)} sent to review, best student {student.name} "
+            f"mIoU {evaluation.metrics.get('miou', 0.0):.3f}"
+        ),
     }
     with clock.step("version"):
         record["step_seconds"] = clock.seconds  # everything but versioning itself

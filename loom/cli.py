@@ -109,15 +109,23 @@ def round_(
 
 
 @app.command()
-def train(workspace: Path = WorkspaceOpt, epochs: int = typer.Option(None)) -> None:
+def train(
+    workspace: Path = WorkspaceOpt,
+    model: str = typer.Option(
+        None,
+        "--model",
+        help="Student: fpn, bafpn, cfa, rd4ad or uninet (default: the first of round.students).",
+    ),
+    epochs: int = typer.Option(None),
+) -> None:
     """Train a student on the workspace's current human + auto-accepted labels (no round bookkeeping)."""
     from loom.runner import run_task
     from tasks.train import train_student
     from tasks.version import next_round_number
 
     settings = load_settings(workspace, epochs=epochs)
-    student = run_task(train_student, settings, max(next_round_number(settings) - 1, 1))
-    typer.echo(f"student saved to {student.model_dir}")
+    student = run_task(train_student, settings, max(next_round_number(settings) - 1, 1), model)
+    typer.echo(f"{student.name} saved to {student.model_dir}")
 
 
 @app.command()
@@ -130,7 +138,8 @@ def evaluate(
     from tasks.train import TrainedStudent, evaluate_student
 
     settings = load_settings(workspace)
-    student = TrainedStudent(str(resolve_model(settings, model)), 0, 0, 0.0, [])
+    model_dir = resolve_model(settings, model)
+    student = TrainedStudent(model_dir.name, str(model_dir), 0, 0, 0.0, [])
     evaluation = run_task(evaluate_student, settings, student)
     for name, value in sorted(evaluation.metrics.items()):
         typer.echo(f"{name:>24s}  {value:.4f}")
@@ -152,17 +161,47 @@ def predict(
     typer.echo(f"predictions written to {out_dir}")
 
 
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="ONNX file to write."),
+    model: str = typer.Option("champion", help="'champion', a registry version number, or a model folder."),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Export a student to ONNX for the line: uint8 RGB tiles in, class logits out (onnxruntime only)."""
+    from loom.runner import resolve_model
+    from models.student.export import export_onnx
+    from models.student.registry import load_student
+
+    settings = load_settings(workspace)
+    path = export_onnx(load_student(resolve_model(settings, model)), out)
+    typer.echo(f"ONNX model written to {path}")
+
+
 @app.command("pseudo-label")
 def pseudo_label(
     images: list[Path] = typer.Argument(..., help="Image files or folders (an unlabeled pool)."),
     out: Path = typer.Option(..., "--out", help="Output folder in the prediction layout."),
+    normals: Path = typer.Option(
+        None, "--normals", help="Folder of known-good images (few-shot references)."
+    ),
+    teacher: str = typer.Option(
+        "auto",
+        "--teacher",
+        help="auto (open_clip when its weights are here, else backbone), openclip, backbone.",
+    ),
+    shots: int = typer.Option(None, "--shots", min=0, help="Normal references to use (default params.yaml)."),
+    clip_checkpoint: Path = typer.Option(None, "--clip-checkpoint", help="Local open_clip checkpoint file."),
     workspace: Path = WorkspaceOpt,
 ) -> None:
-    """Zero-shot pseudo-labels over a pool with the offline backbone teacher (mutual scoring)."""
+    """Pseudo-labels (maps, named masks, scores) over a pool, zero-shot or from a few normal images."""
     from loom.runner import expand_images, teacher_predict_paths
 
     settings = load_settings(workspace)
-    out_dir = teacher_predict_paths(settings, expand_images(images), out)
+    normal_paths = expand_images([normals]) if normals else []
+    out_dir, why = teacher_predict_paths(
+        settings, expand_images(images), out, normal_paths, teacher, shots, clip_checkpoint
+    )
+    typer.echo(f"teacher: {why}")
     typer.echo(f"pseudo-labels written to {out_dir}")
 
 
@@ -226,5 +265,21 @@ def datasets_import(
     typer.echo(f"dataset written to {path}")
 
 
+#: Errors whose message already says what went wrong and what to do: shown without a traceback
+#: (set LOOM_DEBUG=1 to see it). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def main() -> None:
+    """The `loom` console script."""
+    try:
+        app()
+    except USER_ERRORS as err:
+        if os.environ.get("LOOM_DEBUG"):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

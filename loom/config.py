@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,12 @@ class RoundParams:
     review_budget: int = 24  # images sent to people per round
     review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
     confident_low: float = 0.25  # pseudo-labels with uncertainty below this are auto-accepted
-    teacher: str = "backbone"
-    student: str = "fpn"
+    teacher: str = "auto"  # auto | openclip | backbone (auto: open_clip when its weights are here)
+    teacher_shots: int = 4  # known-good images (people's normal reviews) the teacher uses as references
+    clip_model: str = "ViT-B-16-plus-240"
+    clip_pretrained: str = "laion400m_e32"  # open_clip tag, read from the local cache only
+    clip_checkpoint: str = ""  # or a local open_clip checkpoint file
+    students: tuple[str, ...] = ("bafpn",)  # trained each round; the best competes with the champion
     image_size: int = 256
     epochs: int = 6  # at least this many passes over the labeled set ...
     train_samples: int = 2400  # ... and at least this many crops seen, so a small labeled set still trains
@@ -206,6 +210,9 @@ def load_settings(workspace: str | Path | None = None, **round_overrides: Any) -
     ports = _merge(Ports, ports, {k: int(v) for k, v in env_ports.items() if v})
     rnd = _merge(RoundParams, RoundParams(), params.get("round", {}))
     rnd = _merge(RoundParams, rnd, {k: v for k, v in round_overrides.items() if v is not None})
+    if isinstance(rnd.students, str | list):  # params.yaml gives a list, the command line a comma list
+        names = rnd.students.split(",") if isinstance(rnd.students, str) else rnd.students
+        rnd = replace(rnd, students=tuple(name.strip() for name in names if name.strip()))
     top = {k: v for k, v in params.items() if k not in ("ports", "round", "dataset", "demo")}
     if "classes" in top:
         top["classes"] = tuple(top["classes"])

@@ -184,7 +184,7 @@ def predict_paths(
     the reason, and skipped; the other images go on.
 
     Args:
-        model_dir: folder written by ``FPNSegmenter.save_pretrained``.
+        model_dir: a student folder (config.json + model.safetensors) of any architecture.
         paths: image files.
         out_dir: output folder.
         classes: class names (mask value k is ``classes[k - 1]``); default: those stored with the model.
@@ -193,11 +193,12 @@ def predict_paths(
             advance a progress bar.
     """
     # Imported here so that writing predictions (e.g. from the teacher) does not load the student code.
-    from models.student.fpn.torch_model import FPNSegmenter, read_model_metadata
+    from models.student.checkpoint import read_model_metadata
+    from models.student.registry import load_student
     from models.student.training import predict_images
 
     model_dir = Path(model_dir)
-    model = FPNSegmenter.from_pretrained(model_dir)
+    model = load_student(model_dir)
     metadata = read_model_metadata(model_dir)
     if classes is None:
         if "classes" not in metadata:

@@ -6,7 +6,7 @@ The CLI is the top layer, so this module imports flows and tasks lazily; nothing
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,15 +78,9 @@ def expand_images(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def teacher_predict_paths(
-    settings: Settings, paths: Sequence[Path], out: Path, on_progress: Callable[[int], None] | None = None
-) -> Path:
-    """Backbone teacher over a pool of image files -> the prediction layout (unreadable files are skipped)."""
-    import numpy as np
-
+def _read_images(paths: Sequence[Path]) -> tuple[list, list[str]]:
+    """Readable images and their stems; unreadable files are reported and skipped."""
     from loom.imageio import ImageReadError, read_image
-    from loom.predict import write_predictions
-    from models.teacher.backbone import BackboneTeacher, TeacherConfig
 
     images, stems = [], []
     for p in paths:
@@ -95,16 +89,45 @@ def teacher_predict_paths(
             stems.append(p.stem)
         except ImageReadError as err:
             log.warning("%s", err)
-    if len(images) < 2:
-        raise ValueError(
-            "the backbone teacher scores images against each other: give it at least 2 readable images"
+    return images, stems
+
+
+def teacher_predict_paths(
+    settings: Settings,
+    paths: Sequence[Path],
+    out: Path,
+    normals: Sequence[Path] = (),
+    kind: str = "auto",
+    shots: int | None = None,
+    clip_checkpoint: Path | None = None,
+) -> tuple[Path, str]:
+    """A teacher over a pool of image files -> the prediction layout; returns (folder, which teacher and why).
+
+    Up to `shots` of `normals` serve as known-good references (few-shot); the workspace's human labels, when
+    it has any, name the regions (prototypes).
+    """
+    from loom import manifest
+    from loom.predict import write_predictions
+    from loom.teachers import build_prototypes, build_teacher, label_images
+    from tasks.pseudo_label import human_references
+
+    images, stems = _read_images(paths)
+    if not images:
+        raise ValueError("pseudo-label: none of the given images could be read (see the warnings above)")
+    shots = settings.round.teacher_shots if shots is None else shots
+    normal_images, _ = _read_images(list(normals)[:shots]) if shots > 0 else ([], [])
+    teacher, why = build_teacher(settings, kind, clip_checkpoint)
+    log.info("%s; %d normal references", why, len(normal_images))
+    labeled_images, labeled_masks = [], []
+    if settings.manifest_path.exists():
+        _, labeled_images, labeled_masks = human_references(
+            settings, manifest.usable(manifest.load(settings.manifest_path))
         )
-    teacher = BackboneTeacher(TeacherConfig(image_size=settings.round.image_size, seed=settings.round.seed))
-    teacher.fit_pool(images)
-    preds = teacher.predict_pool(images)
-    defect_id = settings.class_index("defect")
+    prototypes = build_prototypes(settings, labeled_images, labeled_masks)
+    labeled = label_images(settings, teacher, images, normal_images, prototypes)
     results = (
-        (stem, p.anomaly_map, np.where(p.mask, defect_id, 0).astype(np.uint8), p.score, img)
-        for stem, p, img in zip(stems, preds, images, strict=True)
+        (stem, item.prediction.anomaly_map, item.class_mask, item.prediction.score, image)
+        for stem, item, image in zip(stems, labeled, images, strict=True)
     )
-    return write_predictions(out, results, settings.classes, image_threshold=teacher.image_threshold)
+    folder = write_predictions(out, results, settings.classes, image_threshold=teacher.image_threshold)
+    return folder, why

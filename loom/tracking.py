@@ -117,6 +117,7 @@ def log_round(
     model_dir: Path,
     images: Mapping[str, np.ndarray] | None = None,
     tags: Mapping[str, str] | None = None,
+    run_name: str | None = None,
 ) -> RoundRun:
     """Log one round as an MLflow run and register its student as a new model version.
 
@@ -128,6 +129,7 @@ def log_round(
         model_dir: folder holding the student as ``config.json`` + ``model.safetensors``.
         images: named ``(H, W, 3)`` uint8 pictures (mask overlays), logged as ``overlays/<name>.png``.
         tags: extra run tags.
+        run_name: defaults to ``round-NNNN``.
 
     Returns:
         The run id, the registered model version and the experiment id.
@@ -136,7 +138,7 @@ def log_round(
     _check_student_dir(model_dir)
     client = _connect(settings)
     experiment_id = _experiment_id(client, settings)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"round-{round_no:04d}") as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"round-{round_no:04d}") as run:
         mlflow.set_tags({"loom.round": str(round_no), **(tags or {})})
         if params:
             mlflow.log_params({k: str(v) for k, v in params.items()})

@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from loom import manifest
 from loom.config import Settings
 from loom.predict import write_predictions
-from models.teacher.backbone import BackboneTeacher, TeacherConfig
-from tasks.common import class_names, image_of, load_manifest, save_manifest, task_logger
+from loom.teachers import LabeledImage, build_prototypes, build_teacher, label_images
+from tasks.common import class_names, human_mask_of, image_of, load_manifest, save_manifest, task_logger
 
 
 @dataclass
@@ -26,6 +26,7 @@ class PseudoLabels:
     model_version: str
     image_ids: list[str]
     image_threshold: float
+    pixel_threshold: float
     out_dir: str
 
 
@@ -36,33 +37,50 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
-def review_uncertainty(preds: list, masks: list[np.ndarray], defect_id: int) -> np.ndarray:
+def review_uncertainty(labeled: list[LabeledImage], defect_id: int) -> np.ndarray:
     """How much a person's look at each image is worth, in [0, 1].
 
-    - A flagged region of the generic ``defect`` class says where a defect is but not which: the class is
-      left to a person, so the image is fully uncertain however sure the teacher is that something is there.
-    - For the rest, the teacher's own uncertainty is scaled by the image's score rank in the pool: absolute
-      scores are not comparable across fabrics and pools, ranks are. The most normal-looking images become
-      confident (auto-accepted as normal), those just under the threshold stay uncertain.
+    - A region left as the generic ``defect`` class says where a defect is but not which: the class is left
+      to a person, so the image is fully uncertain however sure the teacher is that something is there.
+    - A region the teacher or the prototypes named is as uncertain as its naming (1 - vote share or class
+      probability), and at least as uncertain as the teacher is about the image.
+    - For images without regions, the teacher's own uncertainty is scaled by the image's score rank in the
+      pool: absolute scores are not comparable across fabrics and pools, ranks are. The most normal-looking
+      images become confident (auto-accepted as normal), those just under the threshold stay uncertain.
     """
-    scores = np.array([p.score for p in preds], dtype=np.float64)
-    own = np.array([p.uncertainty for p in preds], dtype=np.float64)
-    flagged = np.array([(m == defect_id).any() for m in masks])
+    scores = np.array([item.prediction.score for item in labeled], dtype=np.float64)
+    own = np.array([item.prediction.uncertainty for item in labeled], dtype=np.float64)
+    flagged = np.array([item.class_mask.any() for item in labeled])
+    unnamed = np.array([(item.class_mask == defect_id).any() for item in labeled])
+    naming_doubt = np.array([1.0 - item.naming_confidence for item in labeled])
     rank = np.zeros_like(scores)
     if (~flagged).sum() > 1:
         order = scores[~flagged].argsort().argsort()
         rank[~flagged] = order / ((~flagged).sum() - 1)
-    return np.where(flagged, 1.0, own * rank)
+    return np.where(unnamed, 1.0, np.where(flagged, np.maximum(own, naming_doubt), own * rank))
+
+
+def human_references(settings: Settings, rows: pd.DataFrame) -> tuple[list, list, list]:
+    """People's labels of earlier rounds: up to `teacher_shots` normal images (few-shot references) and the
+    images + masks with named defects (prototypes for naming regions)."""
+    human = rows[(rows["label_source"] == "human") & (rows["split"] == "train")].sort_values("image_id")
+    normal_rows = human[human["classes"].fillna("") == ""].head(settings.round.teacher_shots)
+    normals = [image_of(settings, row) for _, row in normal_rows.iterrows()]
+    images, masks = [], []
+    for _, row in human[human["classes"].fillna("") != ""].iterrows():
+        images.append(image_of(settings, row))
+        masks.append(human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"]))))
+    return normals, images, masks
 
 
 def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.ndarray] | None:
     from loom.tracking import champion, download_student
-    from models.student.fpn import FPNSegmenter
+    from models.student.registry import load_student
     from models.student.training import predict_images
 
     if champion(settings) is None:
         return None
-    model = FPNSegmenter.from_pretrained(download_student(settings, "champion"))
+    model = load_student(download_student(settings, "champion"))
     return [mask for _, mask, _ in predict_images(model, images)]
 
 
@@ -79,15 +97,17 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
         )
     images = [image_of(settings, row) for _, row in pool.iterrows()]
 
-    rp = settings.round
-    teacher = BackboneTeacher(TeacherConfig(image_size=rp.image_size, seed=rp.seed))
-    teacher.fit_pool(images)
-    preds = teacher.predict_pool(images)
-    model_version = f"teacher-backbone-r{round_no:04d}"
+    normals, labeled_images, labeled_masks = human_references(settings, pool)
+    teacher, why = build_teacher(settings, settings.round.teacher)
+    log.info("%s; %d normal references, %d labeled images for naming", why, len(normals), len(labeled_images))
+    prototypes = build_prototypes(settings, labeled_images, labeled_masks)
+    labeled = label_images(settings, teacher, images, normals, prototypes)
+    preds = [item.prediction for item in labeled]
+    masks = [item.class_mask for item in labeled]
+    model_version = f"teacher-{teacher.name}{'-fewshot' if normals else ''}-r{round_no:04d}"
 
     defect_id = settings.class_index("defect")
-    masks = [np.where(p.mask, defect_id, 0).astype(np.uint8) for p in preds]
-    uncertainty = review_uncertainty(preds, masks, defect_id)
+    uncertainty = review_uncertainty(labeled, defect_id)
     student_masks = _champion_masks(settings, images) if round_no > 1 else None
     if student_masks is not None:
         disagreement = np.array([1.0 - _agreement(t, s) for t, s in zip(masks, student_masks, strict=True)])
@@ -105,7 +125,7 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     )
 
     not_human = (pool["label_source"] != "human").to_numpy()
-    labeled = pd.DataFrame(
+    rows = pd.DataFrame(
         {
             "image_id": ids,
             "score": [float(p.score) for p in preds],
@@ -114,7 +134,7 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
             "classes": [class_names(m, settings.classes) for m in masks],
         }
     )
-    df = manifest.update_rows(df, labeled[not_human])
+    df = manifest.update_rows(df, rows[not_human])
     save_manifest(settings, df)
     log.info(
         "teacher labeled %d images (%d human-labeled kept); image threshold %.4f",
@@ -122,4 +142,11 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
         int((~not_human).sum()),
         teacher.image_threshold,
     )
-    return PseudoLabels(round_no, model_version, ids, float(teacher.image_threshold), str(out_dir))
+    return PseudoLabels(
+        round_no,
+        model_version,
+        ids,
+        float(teacher.image_threshold),
+        float(teacher.pixel_threshold),
+        str(out_dir),
+    )

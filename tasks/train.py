@@ -1,10 +1,15 @@
-"""Train the student on human + confident pseudo masks, then evaluate it on the frozen test split."""
+"""Train the configured students on human + confident pseudo masks; evaluate each on the frozen test split.
+
+Supervised students (FPN, BAFPN) learn the classes from the masks; BAFPN also distils the teacher's maps on
+auto-accepted pseudo-labeled images. Anomaly scorers (CFA, RD4AD, UniNet) learn what normal fabric looks like
+from the images without defects and mark the rest as the generic `defect`. All share one evaluation.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +22,11 @@ from loom.imageio import read_mask
 from loom.metrics import evaluate_segmentation
 from loom.plots import per_class_bars
 from loom.predict import overlay
-from models.student.fpn import IGNORE_INDEX, FPNConfig, FPNSegmenter
+from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
+from models.student.fpn import IGNORE_INDEX
+from models.student.registry import build_loss, build_student, is_anomaly_scorer, load_student, student_class
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
+from models.teacher.types import anomaly_probability
 from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
 
 #: How much a training mask counts, by where it came from (people are trusted most).
@@ -27,6 +35,7 @@ SOURCE_WEIGHTS = {"human": 1.0, "pseudo": 0.5, "synthetic": 0.7}
 
 @dataclass
 class TrainedStudent:
+    name: str
     model_dir: str
     n_human: int
     n_pseudo: int
@@ -41,13 +50,20 @@ class Evaluation:
     overlays: dict[str, np.ndarray]
 
 
-def training_samples(settings: Settings, round_no: int) -> tuple[list, int, int]:
-    """(image, mask, weight) for human-labeled and auto-accepted train images; the test split never enters."""
+def training_samples(
+    settings: Settings, round_no: int, teacher_threshold: float | None = None
+) -> tuple[list, int, int]:
+    """(image, mask, weight[, teacher map]) for human-labeled and auto-accepted train images.
+
+    The test split never enters. With `teacher_threshold` (the teacher's pixel threshold) auto-accepted
+    images also carry the teacher's anomaly map as a probability, for students that distil from it.
+    """
     df = manifest.usable(load_manifest(settings))
     train = df[df["split"] == "train"]
     human = train[train["label_source"] == "human"]
     pseudo = train[(train["label_source"] == "pseudo") & (train["review_state"] == "auto_accepted")]
     n_classes = len(settings.classes)
+    defect_id = settings.class_index("defect")
     samples = []
     for _, row in human.iterrows():
         hw = (int(row["height"]), int(row["width"]))
@@ -57,37 +73,56 @@ def training_samples(settings: Settings, round_no: int) -> tuple[list, int, int]
     for _, row in pseudo.iterrows():
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(pseudo_mask_path(settings, round_no, row["image_id"]), n_classes, hw)
-        # The teacher says *where* but not *which* defect: its regions teach nothing about the class and
-        # must not teach "background" either, so they are ignored; its confident normal pixels do count.
-        mask = np.where(mask > 0, IGNORE_INDEX, 0).astype(np.uint8)
-        samples.append((image_of(settings, row), mask, SOURCE_WEIGHTS["pseudo"]))
+        # A region left as the generic `defect` says *where* but not *which*: it teaches nothing about the
+        # class and must not teach "background" either, so it is ignored. Regions the teacher or the
+        # prototypes named (confidently enough to be auto-accepted) and the normal pixels do count.
+        mask = np.where(mask == defect_id, IGNORE_INDEX, mask).astype(np.uint8)
+        sample = (image_of(settings, row), mask, SOURCE_WEIGHTS["pseudo"])
+        if teacher_threshold is not None:
+            raw = np.load(settings.pseudo_dir / f"round-{round_no:04d}" / "maps" / f"{row['image_id']}.npy")
+            sample = (*sample, anomaly_probability(raw, teacher_threshold))
+        samples.append(sample)
     return samples, len(human), len(pseudo)
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
-def train_student(settings: Settings, round_no: int) -> TrainedStudent:
+def train_student(
+    settings: Settings, round_no: int, name: str | None = None, teacher_threshold: float | None = None
+) -> TrainedStudent:
+    """Train student `name` (default: the first of `round.students`) and save it under models/."""
     log = task_logger()
-    samples, n_human, n_pseudo = training_samples(settings, round_no)
+    rp = settings.round
+    name = name or rp.students[0]
+    overrides = {"image_size": rp.image_size}
+    if "defect_index" in {f.name for f in fields(student_class(name).config_class)}:
+        overrides["defect_index"] = settings.class_index("defect")  # anomaly scorers mark `defect` pixels
+    model = build_student(name, len(settings.classes), **overrides)
+    loss_fn = build_loss(name, model)
+    distils = getattr(loss_fn, "distills", False)
+    samples, n_human, n_pseudo = training_samples(settings, round_no, teacher_threshold if distils else None)
     if not samples:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
-    rp = settings.round
-    model = FPNSegmenter(FPNConfig(num_classes=len(settings.classes), image_size=rp.image_size))
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
-    config = TrainConfig(
-        epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed
-    )
+    on_epoch = lambda epoch, h: log.info("%s epoch %d: %s", name, epoch, h)  # noqa: E731
     start = time.perf_counter()
-    history = train_segmenter(
-        model,
-        SegmentationSamples(samples, image_size=rp.image_size),
-        config,
-        on_epoch=lambda epoch, h: log.info("epoch %d: %s", epoch, h),
-    )
+    if not is_anomaly_scorer(model):
+        config = TrainConfig(
+            epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed
+        )
+        samples_set = SegmentationSamples(samples, image_size=rp.image_size)
+        history = train_segmenter(model, samples_set, config, on_epoch=on_epoch, loss_fn=loss_fn)
+    else:
+        config = AnomalyTrainConfig(
+            epochs=epochs, batch_size=rp.batch_size, image_size=rp.image_size, seed=rp.seed
+        )
+        history = train_anomaly_model(model, loss_fn, samples, config, on_epoch=on_epoch)
     seconds = time.perf_counter() - start
-    model_dir = settings.models_dir / f"round-{round_no:04d}"
-    model.save_pretrained(model_dir, metadata={"classes": list(settings.classes), "round": round_no})
-    log.info("student trained on %d human + %d pseudo masks in %.1f s", n_human, n_pseudo, seconds)
-    return TrainedStudent(str(model_dir), n_human, n_pseudo, seconds, history)
+    model_dir = settings.models_dir / f"round-{round_no:04d}" / name
+    model.save_pretrained(
+        model_dir, metadata={"classes": list(settings.classes), "round": round_no, "student": name}
+    )
+    log.info("%s trained on %d human + %d pseudo masks in %.1f s", name, n_human, n_pseudo, seconds)
+    return TrainedStudent(name, str(model_dir), n_human, n_pseudo, seconds, history)
 
 
 @task(name="evaluate-student", cache_policy=NO_CACHE)
@@ -104,7 +139,7 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
         hw = (int(row["height"]), int(row["width"]))
         images.append(image_of(settings, row))
         masks.append(human_mask_of(settings, row["image_id"], hw))
-    model = FPNSegmenter.from_pretrained(Path(student.model_dir))
+    model = load_student(Path(student.model_dir))
     start = time.perf_counter()
     outputs = predict_images(model, images)
     seconds = time.perf_counter() - start

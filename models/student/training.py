@@ -27,8 +27,9 @@ from models.tiling import predict_tiled
 
 logger = logging.getLogger(__name__)
 
-#: (image (H, W, 3) uint8 RGB, mask (H, W) uint8 class indices, weight of the label source)
-Sample = tuple[np.ndarray, np.ndarray, float]
+#: (image (H, W, 3) uint8 RGB, mask (H, W) uint8 class indices, weight of the label source), optionally
+#: followed by the teacher's anomaly probability map (H, W) float32 in [0, 1] (or None) for distillation.
+Sample = tuple[np.ndarray, np.ndarray, float] | tuple[np.ndarray, np.ndarray, float, np.ndarray | None]
 #: Share of draws that go to images with defects when they are rarer than that.
 DEFECT_DRAW_SHARE = 0.5
 #: Chance that a crop of a defect image is placed over one of its defect pixels.
@@ -65,18 +66,26 @@ class SegmentationSamples(Dataset):
     Images smaller than ``image_size`` are padded by mirroring (masks too, so labels stay aligned).
     Randomness comes from torch's generator, so ``torch.manual_seed`` makes the crops reproducible.
 
-    Each item: image (3, S, S) float32 normalised, mask (S, S) int64, weight () float32.
+    Each item: image (3, S, S) float32 normalised, mask (S, S) int64, weight () float32; and, when any
+    sample carries a teacher map, that map (S, S) float32 cropped and turned with the mask (NaN for samples
+    without one), which the loss uses for distillation.
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int = 256, augment: bool = True) -> None:
-        for i, (image, mask, _weight) in enumerate(samples):
+        for i, (image, mask, *_rest) in enumerate(samples):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(
                     f"sample {i}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}"
                 )
             if mask.shape != image.shape[:2]:
                 raise ValueError(f"sample {i}: mask {mask.shape} does not match image {image.shape[:2]}")
+            teacher_map = _teacher_map_of(samples[i])
+            if teacher_map is not None and teacher_map.shape != mask.shape:
+                raise ValueError(
+                    f"sample {i}: teacher map {teacher_map.shape} does not match mask {mask.shape}"
+                )
         self.samples = list(samples)
+        self.with_teacher_maps = any(_teacher_map_of(sample) is not None for sample in self.samples)
         self.image_size = image_size
         self.augment = augment
 
@@ -84,14 +93,17 @@ class SegmentationSamples(Dataset):
         return len(self.samples)
 
     def defect_flags(self) -> list[bool]:
-        return [has_defect(mask) for _, mask, _ in self.samples]
+        return [has_defect(sample[1]) for sample in self.samples]
 
-    def _crop(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _crop(
+        self, image: np.ndarray, mask: np.ndarray, teacher_map: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = self.image_size
         pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
         if pad_h or pad_w:
             image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
             mask = np.pad(mask, ((0, pad_h), (0, pad_w)), mode="symmetric")
+            teacher_map = np.pad(teacher_map, ((0, pad_h), (0, pad_w)), mode="symmetric")
         height, width = mask.shape
         if has_defect(mask) and torch.rand(()) < DEFECT_CROP_PROB:
             # Centre the crop near a defect pixel: on long line-scan frames a random crop mostly misses it.
@@ -103,27 +115,37 @@ class SegmentationSamples(Dataset):
             top = int(torch.randint(height - size + 1, ()))
             left = int(torch.randint(width - size + 1, ()))
         top, left = int(np.clip(top, 0, height - size)), int(np.clip(left, 0, width - size))
-        return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+        rows, cols = slice(top, top + size), slice(left, left + size)
+        return image[rows, cols], mask[rows, cols], teacher_map[rows, cols]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, mask, weight = self.samples[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        image, mask, weight = self.samples[index][:3]
+        teacher_map = _teacher_map_of(self.samples[index])
+        if teacher_map is None:
+            teacher_map = np.full(mask.shape, np.nan, dtype=np.float32)
         if self.augment:
-            image, mask = self._crop(image, mask)
+            image, mask, teacher_map = self._crop(image, mask, teacher_map)
         image_t = torch.from_numpy(np.array(image, copy=True))  # (H, W, 3) uint8
         mask_t = torch.from_numpy(np.ascontiguousarray(mask)).long()  # (H, W)
+        map_t = torch.from_numpy(np.ascontiguousarray(teacher_map, dtype=np.float32))  # (H, W)
         x = normalize(image_t.unsqueeze(0))[0]  # (3, H, W)
         if self.augment:
-            x, mask_t = self._geometric(x, mask_t)
+            x, mask_t, map_t = self._geometric(x, mask_t, map_t)
             x = self._jitter(x)
+        if self.with_teacher_maps:
+            return x, mask_t, torch.tensor(float(weight)), map_t
         return x, mask_t, torch.tensor(float(weight))
 
     @staticmethod
-    def _geometric(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _geometric(
+        x: torch.Tensor, mask: torch.Tensor, teacher_map: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         quarter_turns = int(torch.randint(4, ()))
-        x, mask = torch.rot90(x, quarter_turns, (1, 2)), torch.rot90(mask, quarter_turns, (0, 1))
+        x = torch.rot90(x, quarter_turns, (1, 2))
+        mask, teacher_map = (torch.rot90(t, quarter_turns, (0, 1)) for t in (mask, teacher_map))
         if torch.rand(()) < 0.5:
-            x, mask = x.flip(2), mask.flip(1)
-        return x, mask
+            x, mask, teacher_map = x.flip(2), mask.flip(1), teacher_map.flip(1)
+        return x, mask, teacher_map
 
     @staticmethod
     def _jitter(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +153,10 @@ class SegmentationSamples(Dataset):
         gain = 1.0 + (torch.rand(()) - 0.5) * 0.2
         shift = (torch.rand(()) - 0.5) * 0.2
         return x * gain + shift
+
+
+def _teacher_map_of(sample: Sample) -> np.ndarray | None:
+    return sample[3] if len(sample) > 3 else None
 
 
 def defect_oversampler(dataset: SegmentationSamples, generator: torch.Generator) -> WeightedRandomSampler:
@@ -187,10 +213,10 @@ def recalibrate_batch_norm(
         norm.momentum = None  # cumulative average over the batches below
     device = next(model.parameters()).device
     with torch.no_grad():
-        for index, (images, _, _) in enumerate(loader):
+        for index, batch in enumerate(loader):
             if index >= max_batches:
                 break
-            model(images.to(device).contiguous(memory_format=torch.channels_last))
+            model(batch[0].to(device).contiguous(memory_format=torch.channels_last))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
 
@@ -252,10 +278,12 @@ def train_segmenter(
         if frozen and getattr(model, "backbone", None) is not None:
             model.backbone.eval()  # keep pretrained batch-norm statistics while the head settles
         started, losses, seen = time.perf_counter(), [], 0
-        for images, masks, weights in loader:
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
-            masks, weights = masks.to(device), weights.to(device)
-            loss = loss_fn(model(images), masks, weights)
+        for batch in loader:
+            images = batch[0].to(device).contiguous(memory_format=torch.channels_last)
+            masks, weights = batch[1].to(device), batch[2].to(device)
+            # Teacher maps (NaN where a sample has none) go to a loss that distils from them.
+            extra = {"teacher_map": batch[3].to(device)} if len(batch) > 3 else {}
+            loss = loss_fn(model(images), masks, weights, **extra)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

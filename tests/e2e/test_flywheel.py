@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
@@ -34,6 +35,8 @@ TINY_ROUND = {
     "epochs": 2,
     "train_samples": 0,
     "batch_size": 8,
+    "students": ["bafpn", "cfa"],  # a supervised segmenter and an anomaly scorer, side by side
+    "teacher_shots": 2,
 }
 
 
@@ -125,6 +128,21 @@ def test_bad_input_is_quarantined_and_the_round_goes_on(flywheel):
         assert path.exists()  # never deleted from the source
 
 
+def test_every_configured_student_is_trained_evaluated_and_logged(flywheel):
+    settings = flywheel["settings"]
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    for rec in flywheel["records"]:
+        assert set(rec["students"]) == {"bafpn", "cfa"}
+        for name, result in rec["students"].items():
+            assert 0.0 <= result["metrics"]["pixel_auroc"] <= 1.0
+            run = client.get_run(rec["mlflow"]["runs"][name]["run_id"])
+            assert run.data.tags["loom.student"] == name
+            assert run.info.run_name == f"round-{rec['round']:04d}-{name}"
+        # The round's best by the promotion metric is the one that competed with the champion.
+        best = max(rec["students"], key=lambda n: rec["students"][n]["metrics"].get("miou", -1.0))
+        assert rec["mlflow"]["student"] == best
+
+
 def test_mlflow_has_one_run_per_round_and_a_champion(flywheel):
     settings = flywheel["settings"]
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -187,6 +205,30 @@ def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
     assert amap.shape == (256, 4096) and amap.dtype == np.float32
     assert Image.open(out / "masks" / "frame.png").size == (4096, 256)
     assert (out / "scores.csv").read_text().startswith("image,score,label,classes")
+
+
+def test_exported_champion_gives_the_same_masks_in_onnxruntime(flywheel, tmp_path):
+    from loom.runner import resolve_model
+    from models.backbone.efficientnet_lite import normalize
+    from models.student.export import onnx_predict
+    from models.student.registry import load_student
+
+    settings = flywheel["settings"]
+    onnx_path = tmp_path / "line.onnx"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "loom"), "export", "--out", str(onnx_path),
+         "--workspace", str(settings.workspace)],
+        check=True,
+    )  # fmt: skip
+    model = load_student(resolve_model(settings, "champion"))
+    size = model.config.image_size
+    tiles = np.stack([render_sample(seed, height=size, width=size, defect_prob=1.0).image for seed in (1, 2)])
+    onnx_logits = onnx_predict(onnx_path, tiles)
+    with torch.inference_mode():
+        torch_logits = model.segment(normalize(torch.from_numpy(tiles)))
+    assert onnx_logits.shape == tuple(torch_logits.shape)
+    agree = (onnx_logits.argmax(1) == torch_logits.argmax(1).numpy()).mean()
+    assert agree >= 0.999
 
 
 def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):

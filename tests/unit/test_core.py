@@ -82,19 +82,34 @@ def test_selection_breaks_uncertainty_ties_by_score():
     assert choose_for_review(df, budget=1, confident_low=0.0).review == ["id01"]
 
 
-def test_review_uncertainty_flags_unnamed_defects_and_ranks_the_rest():
-    from types import SimpleNamespace
-
+def test_review_uncertainty_flags_unnamed_defects_trusts_confident_names_and_ranks_the_rest():
     import numpy as np
 
+    from loom.teachers import LabeledImage
+    from models.teacher.naming import RegionName
+    from models.teacher.types import TeacherPrediction
     from tasks.pseudo_label import review_uncertainty
 
-    preds = [SimpleNamespace(score=s, uncertainty=0.8) for s in (0.1, 0.5, 0.3, 0.9)]
-    masks = [np.zeros((4, 4), np.uint8) for _ in preds]
-    masks[3][1, 1] = 6  # the generic "defect" class
-    unc = review_uncertainty(preds, masks, defect_id=6)
+    def item(score: float, mask_value: int = 0, names: tuple = ()) -> LabeledImage:
+        mask = np.zeros((4, 4), np.uint8)
+        mask[1, 1] = mask_value
+        prediction = TeacherPrediction(
+            np.zeros((4, 4), np.float32), score, mask > 0, 0.8 if score < 1 else 0.05
+        )
+        return LabeledImage(prediction, mask, list(names))
+
+    labeled = [
+        item(0.1),
+        item(0.5),
+        item(0.3),
+        item(0.9, 6, (RegionName(6, 0.0, "none"),)),  # the generic "defect" class: a person must name it
+        item(2.0, 1, (RegionName(1, 0.9, "prototypes"),)),  # named with a 90% vote
+        item(2.0, 1, (RegionName(1, 0.6, "prototypes"),)),  # named, but a split vote
+    ]
+    unc = review_uncertainty(labeled, defect_id=6)
     assert unc[3] == 1.0
     assert unc[0] == 0.0 and unc[0] < unc[2] < unc[1] <= 0.8
+    assert unc[4] == pytest.approx(0.1) and unc[5] == pytest.approx(0.4)
 
 
 def test_update_rows_sets_values_per_image_and_ignores_unknown_ids():

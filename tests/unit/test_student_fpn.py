@@ -202,6 +202,32 @@ def test_samples_crop_pad_and_keep_masks_aligned() -> None:
             assert brightness[mask == 1].min() > brightness[mask == 0].max()
 
 
+def test_teacher_maps_are_cropped_and_turned_with_the_masks_and_reach_the_loss() -> None:
+    rng = np.random.default_rng(2)
+    image, mask = with_square(fabric(rng, 96, 160), rng, side=20)
+    teacher_map = (mask > 0).astype(np.float32)  # the teacher agrees with the mask exactly
+    samples = [(image, mask, 0.5, teacher_map), (image, mask, 1.0, None)]
+    dataset = SegmentationSamples(samples, image_size=64)
+    torch.manual_seed(0)
+    for index in [0, 1] * 10:
+        _, crop_mask, _, crop_map = dataset[index]
+        assert crop_map.shape == (64, 64)
+        if index == 0:
+            assert torch.equal(crop_map > 0.5, crop_mask > 0)
+        else:
+            assert torch.isnan(crop_map).all()  # no teacher map: nothing to distil from
+
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(logits, target, weights, teacher_map=None):
+        seen.append(teacher_map)
+        return logits.square().mean()
+
+    model = FPNSegmenter(FPNConfig(num_classes=1, tiny=True, image_size=64))
+    train_segmenter(model, dataset, TrainConfig(epochs=1, batch_size=2, image_size=64), loss_fn=loss_fn)
+    assert seen and all(t is not None and t.shape == (2, 64, 64) for t in seen)
+
+
 def test_samples_reject_a_mask_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match="sample 0"):
         SegmentationSamples([(np.zeros((8, 8, 3), np.uint8), np.zeros((4, 4), np.uint8), 1.0)])

@@ -12,21 +12,17 @@ Checkpoints are a ``config.json`` and a ``model.safetensors`` in one folder (no 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
+from models.student.checkpoint import PretrainedMixin
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 #: Backbone feature levels the pyramid uses (strides 4, 8, 16, 32 of the five the backbone returns).
 PYRAMID_LEVELS = (1, 2, 3, 4)
 #: Side of the window the anomaly map is averaged over before taking its maximum as the image score.
@@ -157,8 +153,10 @@ def _backbone_channels(backbone: nn.Module) -> list[int]:
     return [f.shape[1] for f in features]
 
 
-class FPNSegmenter(nn.Module):
+class FPNSegmenter(PretrainedMixin, nn.Module):
     """Multi-class FPN segmenter; see the module docstring for the architecture."""
+
+    config_class = FPNConfig
 
     def __init__(self, config: FPNConfig) -> None:
         super().__init__()
@@ -239,45 +237,3 @@ class FPNSegmenter(nn.Module):
             )
         device = next(self.parameters()).device
         return normalize(torch.tensor(images)).to(device)  # a copy: decoded images may be read-only
-
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-        """Write ``config.json`` (config plus optional metadata such as ``image_threshold`` or ``classes``)
-        and ``model.safetensors`` into ``directory``; returns the folder."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        payload = {**(metadata or {}), **self.config.to_dict(), "architecture": type(self).__name__}
-        (directory / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
-        # contiguous() because safetensors refuses views that share storage with another tensor.
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> FPNSegmenter:
-        """Rebuild a saved model (eval mode). The backbone is not re-read from ImageNet weights: all
-        weights come from ``model.safetensors``."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: a student model folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
-                    "(written by FPNSegmenter.save_pretrained / `loom train`)."
-                )
-        try:
-            config_dict = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{config_path} is not valid JSON ({err}); re-save or re-train the model."
-            ) from err
-        config = FPNConfig.from_dict({**config_dict, "pretrained": False})
-        model = cls(config)
-        model.load_state_dict(load_file(str(weights_path)), strict=True)
-        model.config.pretrained = bool(config_dict.get("pretrained", False))
-        return model.eval()
-
-
-def read_model_metadata(directory: str | Path) -> dict[str, Any]:
-    """The whole ``config.json`` of a saved model (config fields and metadata such as ``image_threshold``)."""
-    return json.loads((Path(directory) / CONFIG_NAME).read_text())

@@ -1,0 +1,220 @@
+"""Quality of every student on the same data and the same metrics, trained as the round trains them.
+
+Embedded fabric data (the params.yaml dataset: 240 images, 256 px, defect share 0.3, frozen test split
+0.25): each student is trained on all train images with their true masks (what people would have labeled
+after enough rounds; anomaly scorers use the defect-free ones), with the round's optimiser settings and
+`--crops` random crops, then evaluated on the test split with loom.metrics.evaluate_segmentation.
+conformal-clip-data (2,000 simulated 250 x 250 textile surfaces, image labels only): the anomaly scorers
+learn from `--nominal-train` nominal images and are scored on held-out nominal images against local and
+against global defects (image AUROC); supervised students need masks this data does not have.
+
+Every model trains in its own process, so its peak RSS is its own. Inference speed:
+benchmarks/student_speed.py.
+
+    python benchmarks/students.py --data /tmp/fabric          # all models, markdown tables
+    python benchmarks/students.py --data /tmp/fabric --models bafpn cfa --crops 600   # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODELS: dict[str, tuple[str, dict]] = {
+    "fpn": ("fpn", {}),
+    "bafpn": ("bafpn", {}),
+    "bafpn-no-attention": ("bafpn", {"attention": False}),
+    "bafpn-plain": ("bafpn", {"attention": False, "bottom_up": False}),
+    "cfa": ("cfa", {}),
+    "rd4ad": ("rd4ad", {}),
+    "uninet": ("uninet", {}),
+    "uninet-supervised": ("uninet", {"supervised": True}),
+}
+
+
+def _train(variant: str, samples: list, num_classes: int, crops: int, seed: int = 0) -> torch.nn.Module:
+    from models.student.anomaly_training import AnomalyTrainConfig, normal_samples, train_anomaly_model
+    from models.student.registry import build_loss, build_student, is_anomaly_scorer
+    from models.student.training import TrainConfig, train_segmenter
+
+    name, overrides = MODELS[variant]
+    model = build_student(name, num_classes, **overrides)
+    loss_fn = build_loss(name, model)
+    if is_anomaly_scorer(model):
+        used = samples if model.supervised else normal_samples(samples)
+        epochs = max(1, math.ceil(crops / len(used)))
+        train_anomaly_model(
+            model, loss_fn, samples, AnomalyTrainConfig(epochs=epochs, batch_size=8, seed=seed)
+        )
+    else:
+        epochs = max(1, math.ceil(crops / len(samples)))
+        config = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, seed=seed)
+        train_segmenter(model, samples, config, loss_fn=loss_fn)
+    return model.eval()
+
+
+def fabric(variant: str, data: Path, crops: int) -> dict[str, float]:
+    """Train on the embedded train split, evaluate on its test split."""
+    import pandas as pd
+
+    from loom.imageio import read_image, read_mask
+    from loom.metrics import evaluate_segmentation
+    from models.student.training import predict_images
+
+    classes = json.loads((data / "classes.json").read_text())
+    manifest = pd.read_parquet(data / "manifest.parquet")
+
+    def load(split: str) -> tuple[list, list]:
+        rows = manifest[manifest["split"] == split]
+        images = [read_image(data / path) for path in rows["path"]]
+        masks = [read_mask(data / "masks" / f"{Path(path).stem}.png", len(classes)) for path in rows["path"]]
+        return images, masks
+
+    train_images, train_masks = load("train")
+    test_images, test_masks = load("test")
+    started = time.perf_counter()
+    model = _train(
+        variant, [(i, m, 1.0) for i, m in zip(train_images, train_masks, strict=True)], len(classes), crops
+    )
+    train_seconds = time.perf_counter() - started
+    outputs = predict_images(model, test_images)
+    metrics = evaluate_segmentation(
+        [o[0] for o in outputs],
+        [o[1] for o in outputs],
+        test_masks,
+        np.array([o[2] for o in outputs]),
+        classes,
+    )
+    metrics["train_seconds"] = train_seconds
+    metrics["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return metrics
+
+
+def conformal(variant: str, nominal_train: int, per_kind: int, crops: int) -> dict[str, float]:
+    """Image AUROC of an anomaly scorer on conformal-clip-data: nominal vs local, nominal vs global."""
+    import conformal_clip_data as ccd
+
+    from loom.imageio import read_image
+    from loom.metrics import image_auroc
+    from models.student.training import predict_images
+
+    rng = np.random.default_rng(0)
+    nominal = sorted(ccd.nominal_dir().glob("*.jpg"))
+    order = rng.permutation(len(nominal))
+    train = [read_image(nominal[i]) for i in order[:nominal_train]]
+    held_out = [read_image(nominal[i]) for i in order[nominal_train : nominal_train + per_kind]]
+    samples = [(image, np.zeros(image.shape[:2], np.uint8), 1.0) for image in train]
+    model = _train(variant, samples, 6, crops)
+    normal_scores = [score for _, _, score in predict_images(model, held_out)]
+    results = {}
+    for kind, folder in (("local", ccd.local_dir()), ("global", ccd.global_dir())):
+        files = sorted(folder.glob("*.jpg"))
+        picked = [read_image(files[i]) for i in rng.permutation(len(files))[:per_kind]]
+        scores = normal_scores + [score for _, _, score in predict_images(model, picked)]
+        labels = [0] * len(normal_scores) + [1] * len(picked)
+        results[f"image_auroc_{kind}"] = image_auroc(np.array(scores), np.array(labels))
+    return results
+
+
+def run_child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.child == "fabric":
+        result = fabric(args.model, args.data, args.crops)
+    else:
+        result = conformal(args.model, args.nominal_train, args.per_kind, args.crops)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="embedded dataset folder (generated if missing)"
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument(
+        "--crops", type=int, default=2400, help="training crops per model (the round's default)"
+    )
+    parser.add_argument("--nominal-train", type=int, default=200)
+    parser.add_argument("--per-kind", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-conformal", action="store_true")
+    parser.add_argument("--child", choices=["fabric", "conformal"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run_child(args)
+        return
+    if not (args.data / "manifest.parquet").exists():
+        from loom.datasets.fabric import generate
+
+        generate(args.data, n_images=240, size=256, defect_fraction=0.3, test_fraction=0.25, seed=0)
+
+    def child(kind: str, model: str) -> dict[str, float]:
+        command = [sys.executable, __file__, "--child", kind, "--model", model, "--data", str(args.data)]
+        command += ["--crops", str(args.crops), "--threads", str(args.threads)]
+        command += ["--nominal-train", str(args.nominal_train), "--per-kind", str(args.per_kind)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{model} ({kind}) failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
+
+    classes = json.loads((args.data / "classes.json").read_text())
+    names = [c for c in classes if c != "defect"]
+    print(f"Command: `python {shlex.join(sys.argv)}`  ")
+    print(
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads\n"
+    )
+    print(
+        f"Embedded fabric test split (60 images), trained on the 180 train images' true masks, {args.crops} "
+        "crops each (defect IoU: any-defect pixels, the class ignored; anomaly scorers only mark `defect`):\n"
+    )
+    print("| model | pixel AUROC | AUPRO@0.3 | defect IoU | mIoU | " + " | ".join(f"IoU {c}" for c in names)
+          + " | image AUROC | params (M) | train s | peak RSS MB |")  # fmt: skip
+    print("|---" * (9 + len(names)) + "|", flush=True)
+    for model in args.models:  # one row as soon as each model is done: a long run shows progress
+        r = child("fabric", model)
+        ious = " | ".join(f"{r[f'iou_{c}']:.3f}" if f"iou_{c}" in r else "-" for c in names)
+        print(
+            f"| {model} | {r['pixel_auroc']:.3f} | {r['aupro_0.3']:.3f} | {r['binary_iou']:.3f} | "
+            f"{r['miou']:.3f} | {ious} | {r['image_auroc']:.3f} | {r['params_m']:.2f} | "
+            f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
+    if args.skip_conformal:
+        return
+    scorers = [
+        m for m in args.models if MODELS[m][0] in ("cfa", "rd4ad", "uninet") and m != "uninet-supervised"
+    ]
+    print(
+        f"\nconformal-clip-data, image AUROC: trained on {args.nominal_train} nominal images, scored on "
+        f"{args.per_kind} held-out nominal vs {args.per_kind} of each defect kind:\n"
+    )
+    print("| model | local vs nominal | global vs nominal | peak RSS MB |\n|---|---|---|---|")
+    for model in scorers:
+        r = child("conformal", model)
+        print(
+            f"| {model} | {r['image_auroc_local']:.3f} | {r['image_auroc_global']:.3f} | "
+            f"{r['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
+    print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
