@@ -23,6 +23,7 @@ per-position loss weights derived from masks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -257,6 +258,8 @@ class AnomalyScorerMixin:
     config: AnomalyStudentConfig
     threshold: torch.Tensor
     scale: torch.Tensor
+    #: Defined by each model: (B, 3, H, W) normalised images -> (B, H, W) raw map, higher = more anomalous.
+    anomaly_map: Callable[[torch.Tensor], torch.Tensor]
 
     def register_calibration(self) -> None:
         """Create the ``threshold`` and ``scale`` buffers (0 and 1 until ``calibrate`` runs)."""
@@ -268,10 +271,6 @@ class AnomalyScorerMixin:
     def num_outputs(self) -> int:
         """Output channels: defect classes plus background."""
         return self.config.num_classes + 1
-
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, H, W) raw anomaly map (higher = more anomalous)."""
-        raise NotImplementedError
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> (B, K+1, H, W) calibrated pseudo-logits."""
