@@ -123,7 +123,7 @@ def teacher_predict_paths(
         _, labeled_images, labeled_masks = human_references(
             settings, manifest.usable(manifest.load(settings.manifest_path))
         )
-    prototypes = build_prototypes(settings, labeled_images, labeled_masks)
+    prototypes = build_prototypes(settings, labeled_images, labeled_masks, teacher)
     labeled = label_images(settings, teacher, images, normal_images, prototypes)
     results = (
         (stem, item.prediction.anomaly_map, item.class_mask, item.prediction.score, image)

@@ -90,15 +90,24 @@ def build_teacher(
 
 
 def build_prototypes(
-    settings: Settings, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+    settings: Settings,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    teacher: Teacher | None = None,
 ) -> RegionPrototypes:
-    """Prototypes of the nameable classes from people's masks (empty when there are none)."""
+    """Prototypes of the nameable classes from people's masks (empty when there are none).
+
+    Region descriptors use the backbone teacher's frozen patch features: those of `teacher` when it is the
+    backbone teacher (no second copy of the network), else a fresh extractor.
+    """
     import torch
 
     from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
     from models.teacher.backbone.torch_model import PATCH_STRIDE, PatchFeatureExtractor
 
-    extractor = PatchFeatureExtractor(load_pretrained_lite0(True)).eval()
+    extractor = getattr(teacher, "extractor", None)
+    if not isinstance(extractor, PatchFeatureExtractor):
+        extractor = PatchFeatureExtractor(load_pretrained_lite0(True)).eval()
 
     def features(crops: np.ndarray) -> torch.Tensor:
         return extractor(normalize(torch.from_numpy(np.ascontiguousarray(crops))))

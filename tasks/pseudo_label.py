@@ -100,7 +100,7 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     normals, labeled_images, labeled_masks = human_references(settings, pool)
     teacher, why = build_teacher(settings, settings.round.teacher)
     log.info("%s; %d normal references, %d labeled images for naming", why, len(normals), len(labeled_images))
-    prototypes = build_prototypes(settings, labeled_images, labeled_masks)
+    prototypes = build_prototypes(settings, labeled_images, labeled_masks, teacher)
     labeled = label_images(settings, teacher, images, normals, prototypes)
     preds = [item.prediction for item in labeled]
     masks = [item.class_mask for item in labeled]

@@ -353,8 +353,8 @@ class BackboneTeacher:
                 from these images; False keeps those of the previous call, e.g. to score a few new images
                 against thresholds calibrated on the whole pool.
         """
-        if self._bank is None:
-            raise RuntimeError("call fit_pool(images) before predict_pool(images)")
+        if self._bank is None and self._normal_bank is None:
+            raise RuntimeError("call fit(pool) or fit_pool(images) before predicting")
         if not update_thresholds and self._score_sigma is None:
             raise RuntimeError(
                 "no thresholds yet: call predict_pool(pool_images) with update_thresholds=True"
@@ -407,23 +407,11 @@ class BackboneTeacher:
             return self.predict_pool(images)
         pool, self._calibration_pool = self._calibration_pool, None
         if pool is None:  # thresholds were chosen by an earlier call
-            return self._predict_with_bank(images, update_thresholds=self._score_sigma is None)
+            return self.predict_pool(images, update_thresholds=self._score_sigma is None)
         if len(pool) == len(images) and all(a is b for a, b in zip(pool, images, strict=True)):
-            return self._predict_with_bank(images, update_thresholds=True)
-        self._predict_with_bank(pool, update_thresholds=True)
-        return self._predict_with_bank(images, update_thresholds=False)
-
-    def _predict_with_bank(
-        self, images: Sequence[np.ndarray], update_thresholds: bool
-    ) -> list[TeacherPrediction]:
-        bank_less = self._bank is None
-        if bank_less:  # predict_pool insists on a fitted pool bank; the normal bank stands in for it
-            self._bank = torch.zeros(1, PATCH_FEATURE_DIM)
-        try:
-            return self.predict_pool(images, update_thresholds=update_thresholds)
-        finally:
-            if bank_less:
-                self._bank = None
+            return self.predict_pool(images, update_thresholds=True)
+        self.predict_pool(pool, update_thresholds=True)
+        return self.predict_pool(images, update_thresholds=False)
 
     def fit_predict_pool(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
         """`fit_pool(images)` then `predict_pool(images)`."""
