@@ -1,14 +1,22 @@
-"""Quality, speed and memory of the backbone teacher, zero-shot and few-shot, on the same images.
+"""Quality, speed and memory of the backbone teacher, zero-shot and few-shot.
 
-Embedded fabric data (the params.yaml dataset: 240 images, 256 px, defect share 0.3, seed 0): the teacher
-labels the whole pool (train + test images, no labels used); the test split's 60 images are scored against
-their true masks. Few-shot rows take k defect-free train images as references. conformal-clip-data
-(250 x 250 simulated textile surfaces, image labels only): a pool of nominal images plus one defect kind,
-image AUROC of the teacher's scores, local and global defects reported separately; few-shot references
-come from nominal images left out of the pool.
+Embedded fabric data (the params.yaml dataset: 240 images, 256 px, defect share 0.3, test share 0.25,
+seed 0): the teacher labels the whole pool (train + test images, no labels used) and the 60 test images are
+scored against their true masks: pixel AUROC, AUPRO@0.3, IoU and F1 of the thresholded masks (defect vs
+background over the split), image AUROC. Few-shot rows take the first k defect-free train images (by file
+name) as references and leave them out of the pool.
 
-    python benchmarks/teacher_backbone.py --data /tmp/fabric              # needs `make bench-setup`
-    python benchmarks/teacher_backbone.py --data /tmp/fabric --nominal 200 --defects 20   # quicker
+conformal-clip-data (250 x 250 simulated textile surfaces, image labels only; `pip install -e ".[bench]"`):
+a pool of nominal images plus local or global defects, at two ratios (all 1,000 nominal + all 500 defects,
+and 1,000 nominal + 50 defects, a realistic rare-defect share); image AUROC of the teacher's image scores.
+Few-shot references are nominal images drawn with a fixed seed and left out of the pool.
+
+Memory: a zero-shot run over 1,000 generated 256 x 256 fabric images. Every row runs in its own process, so
+its peak RSS (which includes the decoded images it holds) is its own; images/s is the pool size over the
+wall time of fit + predict.
+
+    python benchmarks/teacher_backbone.py              # full run
+    python benchmarks/teacher_backbone.py --quick      # smaller pools, a few minutes
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +37,18 @@ import numpy as np
 import torch
 
 
-def _run(pool: list, normals: list) -> tuple[list, float]:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _fit_predict(pool: list[np.ndarray], normals: list[np.ndarray]) -> tuple[list, float]:
     from models.teacher.backbone import BackboneTeacher, TeacherConfig
 
     teacher = BackboneTeacher(TeacherConfig())
@@ -37,127 +58,147 @@ def _run(pool: list, normals: list) -> tuple[list, float]:
     return predictions, len(pool) / (time.perf_counter() - started)
 
 
-def fabric(data: Path, shots: int) -> dict[str, float]:
+def _fabric_dataset(root: Path, n_images: int) -> Path:
+    from loom.datasets.fabric import generate
+
+    folder = root / f"fabric-{n_images}"
+    if not (folder / "manifest.parquet").exists():
+        generate(folder, n_images=n_images, size=256, defect_fraction=0.3, test_fraction=0.25, seed=0)
+    return folder
+
+
+def fabric_row(data: Path, shots: int) -> dict[str, float]:
+    """Fit on the pool (minus the references), score the test split against its masks."""
     import pandas as pd
 
     from loom.imageio import read_image, read_mask
     from loom.metrics import aupro, binary_iou, image_auroc, pixel_auroc
 
-    manifest = pd.read_parquet(data / "manifest.parquet")
+    manifest = pd.read_parquet(data / "manifest.parquet").sort_values("path").reset_index(drop=True)
+    classes = json.loads((data / "classes.json").read_text())
     images = [read_image(data / path) for path in manifest["path"]]
-    masks = [read_mask(data / "masks" / f"{Path(path).stem}.png", 6) for path in manifest["path"]]
-    test = np.flatnonzero(manifest["split"].to_numpy() == "test")
-    normal_train = [i for i in np.flatnonzero(manifest["split"].to_numpy() == "train") if not masks[i].any()]
-    normals = [images[i] for i in normal_train[:shots]]
-    predictions, speed = _run(images, normals)
-    maps = [predictions[i].anomaly_map for i in test]
+    masks = [read_mask(data / "masks" / f"{Path(path).stem}.png", len(classes)) for path in manifest["path"]]
+    split = manifest["split"].to_numpy()
+    references = [i for i in np.flatnonzero(split == "train") if not masks[i].any()][:shots]
+    pool = [i for i in range(len(images)) if i not in set(references)]
+    predictions, speed = _fit_predict([images[i] for i in pool], [images[i] for i in references])
+    by_index = dict(zip(pool, predictions, strict=True))
+    test = [i for i in np.flatnonzero(split == "test") if i in by_index]
+    maps = [by_index[i].anomaly_map for i in test]
     truth = [masks[i] for i in test]
-    labels = np.array([int(m.any()) for m in truth])
+    iou = binary_iou([by_index[i].mask.astype(np.uint8) for i in test], truth)
     return {
+        "pool": len(pool),
         "pixel_auroc": pixel_auroc(maps, truth),
         "aupro": aupro(maps, truth, fpr_limit=0.3),
-        "mask_iou": binary_iou([predictions[i].mask.astype(np.uint8) for i in test], truth),
-        "image_auroc": image_auroc(np.array([predictions[i].score for i in test]), labels),
+        "mask_iou": iou,
+        "mask_f1": 2 * iou / (1 + iou),
+        "image_auroc": image_auroc([by_index[i].score for i in test], [int(m.any()) for m in truth]),
         "images_per_s": speed,
     }
 
 
-def conformal(kind: str, nominal: int, defects: int, shots: int) -> dict[str, float]:
+def conformal_row(kind: str, nominal: int, defects: int, shots: int) -> dict[str, float]:
+    """Pool of `nominal` - `shots` nominal + `defects` images of one kind; image AUROC."""
     import conformal_clip_data as ccd
 
     from loom.imageio import read_image
     from loom.metrics import image_auroc
 
     rng = np.random.default_rng(0)
-    nominal_files = sorted(ccd.nominal_dir().glob("*.jpg"))
+    nominal_files = sorted(Path(ccd.nominal_dir()).glob("*.jpg"))[:nominal]
     order = rng.permutation(len(nominal_files))
     references = [read_image(nominal_files[i]) for i in order[:shots]]
-    normal_pool = [read_image(nominal_files[i]) for i in order[shots : shots + nominal]]
+    normal_pool = [read_image(nominal_files[i]) for i in order[shots:]]
     folder = ccd.local_dir() if kind == "local" else ccd.global_dir()
-    defect_files = sorted(folder.glob("*.jpg"))
-    defect_pool = [read_image(defect_files[i]) for i in rng.permutation(len(defect_files))[:defects]]
-    predictions, speed = _run(normal_pool + defect_pool, references)
-    labels = np.array([0] * len(normal_pool) + [1] * len(defect_pool))
+    defect_files = sorted(Path(folder).glob("*.jpg"))
+    defect_pool = [read_image(defect_files[i]) for i in np.sort(rng.permutation(len(defect_files))[:defects])]
+    predictions, speed = _fit_predict(normal_pool + defect_pool, references)
+    labels = [0] * len(normal_pool) + [1] * len(defect_pool)
     return {
-        "image_auroc": image_auroc(np.array([p.score for p in predictions]), labels),
+        "pool": len(labels),
+        "image_auroc": image_auroc([p.score for p in predictions], labels),
         "images_per_s": speed,
     }
+
+
+def _child(spec: dict) -> None:
+    torch.set_num_threads(spec["threads"])
+    if spec["dataset"] == "fabric":
+        row = fabric_row(Path(spec["data"]), spec["shots"])
+    else:
+        row = conformal_row(spec["dataset"], spec["nominal"], spec["defects"], spec["shots"])
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(row))
+
+
+def _run_child(spec: dict) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"row {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cell(row: dict[str, float], key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "-"
+
+
+def _mode(shots: int) -> str:
+    return "zero-shot" if shots == 0 else f"few-shot, {shots} normal{'s' if shots > 1 else ''}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--data", type=Path, required=True, help="embedded dataset folder (generated if missing)"
-    )
+    parser.add_argument("--quick", action="store_true", help="smaller pools (200 nominal, 300 fabric images)")
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "loom-teacher-bench")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4])
-    parser.add_argument("--nominal", type=int, default=1000, help="nominal images in a conformal pool")
-    parser.add_argument("--defects", type=int, default=50, help="defect images in a conformal pool")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-conformal", action="store_true", help="skip conformal-clip-data")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if args.child:  # one row in its own process, so its peak RSS is its own
-        what, shots = args.child.split(":")
-        if what == "fabric":
-            row = fabric(args.data, int(shots))
-        else:
-            row = conformal(what, args.nominal, args.defects, int(shots))
-        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(row))
+        _child(json.loads(args.child))
         return
-    if not (args.data / "manifest.parquet").exists():
-        from loom.datasets.fabric import generate
 
-        generate(args.data, n_images=240, size=256, defect_fraction=0.3, test_fraction=0.25, seed=0)
-
-    def child(spec: str) -> dict[str, float]:
-        command = [sys.executable, __file__, "--data", str(args.data), "--child", spec]
-        command += [
-            "--nominal",
-            str(args.nominal),
-            "--defects",
-            str(args.defects),
-            "--threads",
-            str(args.threads),
-        ]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{spec} failed:\n{done.stderr[-3000:]}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
-
+    nominal, defect_counts, memory_images = (200, (100, 10), 300) if args.quick else (1000, (500, 50), 1000)
+    fabric_240 = _fabric_dataset(args.data, 240)
+    fabric_memory = _fabric_dataset(args.data, memory_images)
     print(f"Command: `python {shlex.join(sys.argv)}`  ")
     print(
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads\n"
+        f"Machine: {cpu_model()}, nproc {os.cpu_count()}, torch {torch.__version__} with {args.threads} "
+        f"threads, load average before the run {os.getloadavg()[0]:.1f}\n"
     )
-    print("Embedded fabric, pool of 240 images at 256 px, scored on the 60 test images:\n")
-    print("| mode | pixel AUROC | AUPRO@0.3 | mask IoU | image AUROC | images/s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|", flush=True)
-    for shots in args.shots:
-        r = child(f"fabric:{shots}")
-        mode = "zero-shot (mutual scoring)" if shots == 0 else f"few-shot, {shots} normal(s)"
+    print(
+        "| dataset | mode | pool | pixel AUROC | AUPRO@0.3 | mask IoU | mask F1 | image AUROC | images/s "
+        "| peak RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+
+    def report(dataset: str, shots: int, row: dict[str, float]) -> None:
+        cells = [_cell(row, key) for key in ("pixel_auroc", "aupro", "mask_iou", "mask_f1", "image_auroc")]
         print(
-            f"| {mode} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['mask_iou']:.3f} | "
-            f"{r['image_auroc']:.3f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} |",
+            f"| {dataset} | {_mode(shots)} | {row['pool']} | {' | '.join(cells)} | {row['images_per_s']:.1f} "
+            f"| {row['peak_rss_mb']:.0f} |",
             flush=True,
         )
-    print(
-        f"\nconformal-clip-data, pools of {args.nominal} nominal + {args.defects} defect images, "
-        "image AUROC:\n"
-    )
-    print("| defects | mode | image AUROC | images/s | peak RSS MB |\n|---|---|---|---|---|", flush=True)
+
+    base = {"threads": args.threads}
+    for shots in args.shots:
+        row = _run_child({**base, "dataset": "fabric", "data": str(fabric_240), "shots": shots})
+        report("fabric 240 (test split)", shots, row)
+    row = _run_child({**base, "dataset": "fabric", "data": str(fabric_memory), "shots": 0})
+    report(f"fabric {memory_images} (test split)", 0, row)
+    if args.no_conformal:
+        return
     for kind in ("local", "global"):
-        for shots in args.shots:
-            r = child(f"{kind}:{shots}")
-            mode = "zero-shot" if shots == 0 else f"few-shot, {shots}"
-            print(
-                f"| {kind} | {mode} | {r['image_auroc']:.3f} | {r['images_per_s']:.1f} | "
-                f"{r['peak_rss_mb']:.0f} |",
-                flush=True,
-            )
+        for defects in defect_counts:
+            for shots in args.shots:
+                spec = {**base, "dataset": kind, "nominal": nominal, "defects": defects, "shots": shots}
+                report(f"conformal {kind}, {nominal} nominal + {defects}", shots, _run_child(spec))
 
 
 if __name__ == "__main__":

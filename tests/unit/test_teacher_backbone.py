@@ -1,4 +1,5 @@
-"""Backbone teacher: shapes, own-image exclusion, determinism, tiled line-scan frames, bad input."""
+"""Backbone teacher: shapes, own-image exclusion, few-shot references, whole-image defects, determinism,
+tiled line-scan frames, bad input."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 from models.teacher.backbone import BackboneTeacher, TeacherConfig, TeacherPrediction
 
 
-def woven(height: int, width: int, seed: int, noise: float = 3.0) -> np.ndarray:
-    """A periodic weave-like texture (period 8 px) with a little per-image sensor noise: (H, W, 3) uint8."""
+def woven(height: int, width: int, seed: int, noise: float = 3.0, period: float = 8.0) -> np.ndarray:
+    """A periodic weave-like texture with a little per-image sensor noise: (H, W, 3) uint8."""
     rows, cols = np.mgrid[0:height, 0:width]
-    pattern = 110.0 + 40.0 * np.sin(2 * np.pi * rows / 8) * np.sin(2 * np.pi * cols / 8)
+    pattern = 110.0 + 40.0 * np.sin(2 * np.pi * rows / period) * np.sin(2 * np.pi * cols / period)
     rgb = np.stack([pattern, pattern * 0.9, pattern * 0.7], axis=-1)
     rgb += np.random.default_rng(seed).normal(0.0, noise, rgb.shape)
     return np.clip(rgb, 0, 255).astype(np.uint8)
@@ -39,7 +40,8 @@ def test_prediction_shapes_and_types() -> None:
         assert prediction.anomaly_map.dtype == np.float32
         assert prediction.mask.shape == image.shape[:2] and prediction.mask.dtype == bool
         assert 0.0 <= prediction.uncertainty <= 1.0
-        assert prediction.score == pytest.approx(float(prediction.anomaly_map.max()))
+        # The image score is the map's maximum or, for an image unlike the rest as a whole, higher.
+        assert prediction.score >= float(prediction.anomaly_map.max()) - 1e-6
         assert prediction.mask.any() == (prediction.score >= teacher.image_threshold)
     assert teacher.pixel_threshold is not None and teacher.image_threshold is not None
 
@@ -60,31 +62,33 @@ def test_defect_found_in_its_own_image_and_nowhere_else(pretrained_teacher: Back
     assert stray < 0.05 * predictions[5].mask.sum()
 
 
-def test_own_patches_are_excluded_but_a_new_image_uses_the_whole_bank(
+def test_pool_members_never_vouch_for_themselves_and_newcomers_meet_clean_references(
     pretrained_teacher: BackboneTeacher,
 ) -> None:
-    """The square's twin in the bank explains it only for an image that is not that twin."""
+    """A newcomer carrying the pool's defect is not excused by it: a defect image is no clean reference."""
     images = pool_with_square()
     pretrained_teacher.fit_pool(images)
     almost_twin = images[5].copy()
     almost_twin[0, 0] += 1  # different bytes, so not recognised as a pool member
-    own, outsider = pretrained_teacher.predict_pool([images[5], almost_twin])
-    assert outsider.anomaly_map[24:40, 28:44].max() < 0.25 * own.anomaly_map[24:40, 28:44].max()
+    own, twin, clean = pretrained_teacher.predict([images[5], almost_twin, woven(64, 64, seed=321)])
+    assert own.mask[28:36, 32:40].all() and twin.mask[28:36, 32:40].all()
+    assert twin.score == pytest.approx(own.score, rel=0.1)
+    assert not clean.mask.any() and clean.score < pretrained_teacher.image_threshold
 
 
-def test_new_images_can_be_scored_against_the_pool_thresholds(pretrained_teacher: BackboneTeacher) -> None:
+def test_fit_chooses_the_thresholds_that_predicting_the_pool_would(
+    pretrained_teacher: BackboneTeacher,
+) -> None:
     images = pool_with_square()
-    pretrained_teacher.fit_predict_pool(images)
-    thresholds = (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold)
+    pretrained_teacher.fit(images)
+    chosen_by_fit = (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold)
     newcomer = woven(64, 64, seed=1234)
     newcomer[8:20, 8:20] = 250
-    (prediction,) = pretrained_teacher.predict_pool([newcomer], update_thresholds=False)
-    assert (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold) == thresholds
+    (prediction,) = pretrained_teacher.predict([newcomer])
+    assert (pretrained_teacher.pixel_threshold, pretrained_teacher.image_threshold) == chosen_by_fit
     assert prediction.mask[10:18, 10:18].all() and not prediction.mask[40:, 40:].any()
-    fresh = BackboneTeacher(TeacherConfig(pretrained=False))
-    fresh.fit_pool(images)
-    with pytest.raises(RuntimeError, match="update_thresholds=True"):
-        fresh.predict_pool([newcomer], update_thresholds=False)
+    pretrained_teacher.predict_pool(images, update_thresholds=True)
+    assert pretrained_teacher.pixel_threshold == pytest.approx(chosen_by_fit[0])
 
 
 def test_exact_duplicates_cannot_vouch_for_each_other(pretrained_teacher: BackboneTeacher) -> None:
@@ -99,8 +103,8 @@ def test_same_seed_same_maps_other_seed_other_bank() -> None:
     images = [woven(64, 64, seed, noise=12.0) for seed in range(8)]
 
     def maps(seed: int) -> list[np.ndarray]:
-        # bank_size below the pool's 512 patches, so the seed decides which patches are kept
-        teacher = BackboneTeacher(TeacherConfig(pretrained=False, bank_size=100, seed=seed))
+        # screening bank below the pool's 512 patches, so the seed decides which patches are kept
+        teacher = BackboneTeacher(TeacherConfig(pretrained=False, screen_bank_size=100, seed=seed))
         return [prediction.anomaly_map for prediction in teacher.fit_predict_pool(images)]
 
     first, again, other = maps(0), maps(0), maps(1)
@@ -140,19 +144,23 @@ def test_bad_input_is_reported_clearly() -> None:
         teacher.fit_pool([woven(32, 32, 0), woven(32, 32, 0)])
     with pytest.raises(ValueError, match="tile_overlap"):
         BackboneTeacher(TeacherConfig(pretrained=False, image_size=64, tile_overlap=64))
+    with pytest.raises(ValueError, match="normal image 0 must be an"):
+        teacher.fit([woven(32, 32, 0), woven(32, 32, 1)], [np.zeros((32, 32, 3), np.float32)])
+    with pytest.raises(ValueError, match="non-empty pool"):
+        teacher.fit([], [woven(32, 32, 0)])
 
 
-def test_few_shot_bank_finds_a_defect_that_recurs_across_the_pool(
+def test_few_shot_references_find_a_defect_that_recurs_across_the_pool(
     pretrained_teacher: BackboneTeacher,
 ) -> None:
-    """Mutual scoring finds a neighbour for a defect seen in three images; known-good references do not."""
+    """The same square in a third of the pool: known-good references still single out those images."""
     from models.teacher.types import Teacher
 
     assert isinstance(pretrained_teacher, Teacher)
     images = pool_with_square()
-    for index in (2, 7):
-        images[index][24:40, 28:44] = 250  # the same square in images 2, 5 and 7
-    recurring = (2, 5, 7)
+    for index in (1, 2, 7, 9):
+        images[index][24:40, 28:44] = 250  # the same square in five of twelve images
+    recurring = (1, 2, 5, 7, 9)
     pretrained_teacher.fit(images, [woven(64, 64, 100), woven(64, 64, 101)])
     predictions = pretrained_teacher.predict(images)
     for index, prediction in enumerate(predictions):
@@ -160,9 +168,31 @@ def test_few_shot_bank_finds_a_defect_that_recurs_across_the_pool(
             assert prediction.mask[28:36, 32:40].all()
         else:
             assert prediction.mask.sum() < 0.05 * predictions[5].mask.sum()
-    # A new image is scored against the thresholds chosen on the pool.
+    # A new image is scored against the thresholds chosen from the normals.
     (unseen,) = pretrained_teacher.predict([woven(64, 64, 200)])
     assert unseen.score < pretrained_teacher.image_threshold and not unseen.mask.any()
-    # Without normals the same call is plain mutual scoring again.
-    pretrained_teacher.fit(images)
-    assert pretrained_teacher._normal_bank is None
+
+
+@pytest.mark.parametrize("shots", [0, 1, 3])
+def test_a_whole_image_unlike_the_others_is_flagged_as_a_whole(
+    pretrained_teacher: BackboneTeacher, shots: int
+) -> None:
+    """A weave of another period everywhere: no patch stands out in its own image, the image does,
+    against the normals (few-shot) or, zero-shot, against its nearest images in the pool."""
+    images = [woven(64, 64, seed) for seed in range(14)]
+    images[3] = woven(64, 64, 3, period=6.0)
+    pretrained_teacher.fit(images, [woven(64, 64, 100 + j) for j in range(shots)])
+    predictions = pretrained_teacher.predict(images)
+    assert int(np.argmax([prediction.score for prediction in predictions])) == 3
+    assert predictions[3].mask.mean() > 0.9
+    assert all(prediction.mask.mean() < 0.01 for index, prediction in enumerate(predictions) if index != 3)
+
+
+def test_fit_without_normals_is_fit_pool() -> None:
+    images = pool_with_square(count=8)
+    a, b = BackboneTeacher(TeacherConfig(pretrained=False)), BackboneTeacher(TeacherConfig(pretrained=False))
+    a.fit(images)
+    b.fit_pool(images)
+    for first, second in zip(a.predict(images), b.predict(images), strict=True):
+        np.testing.assert_array_equal(first.anomaly_map, second.anomaly_map)
+    assert a.pixel_threshold == b.pixel_threshold
