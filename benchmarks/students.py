@@ -51,6 +51,8 @@ def _train(variant: str, samples: list, num_classes: int, crops: int, seed: int 
     name, overrides = MODELS[variant]
     model = build_student(name, num_classes, **overrides)
     loss_fn = build_loss(name, model)
+    if not getattr(loss_fn, "distills", False):  # as in the round: teacher maps only for students that distil
+        samples = [sample[:3] for sample in samples]
     if is_anomaly_scorer(model):
         used = samples if model.supervised else normal_samples(samples)
         epochs = max(1, math.ceil(crops / len(used)))
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-conformal", action="store_true")
+    parser.add_argument("--skip-fabric", action="store_true", help="only the conformal-clip-data rows")
     parser.add_argument("--child", choices=["fabric", "conformal"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,7 +228,7 @@ def main() -> None:
     print("| model | pixel AUROC | AUPRO@0.3 | defect IoU | mIoU | " + " | ".join(f"IoU {c}" for c in names)
           + " | image AUROC | params (M) | train s | peak RSS MB |")  # fmt: skip
     print("|---" * (9 + len(names)) + "|", flush=True)
-    for model in args.models:  # one row as soon as each model is done: a long run shows progress
+    for model in [] if args.skip_fabric else args.models:  # one row per model as soon as it is done
         r = child("fabric", model)
         ious = " | ".join(f"{r[f'iou_{c}']:.3f}" if f"iou_{c}" in r else "-" for c in names)
         print(
