@@ -19,13 +19,11 @@ none), as in training.py.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,7 +31,9 @@ from torch.utils.data import DataLoader
 from models.student.training import (
     Sample,
     SegmentationSamples,
+    cosine_schedule,
     defect_oversampler,
+    finish_epoch,
     has_defect,
     recalibrate_batch_norm,
 )
@@ -150,9 +150,7 @@ def train_anomaly_model(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = max(1, config.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    scheduler = cosine_schedule(optimizer, total_steps)
     history: list[dict[str, float]] = []
     model.train()
     for epoch in range(config.epochs):
@@ -166,24 +164,7 @@ def train_anomaly_model(
             scheduler.step()
             losses.append(loss.item())
             seen += images.shape[0]
-        seconds = time.perf_counter() - started
-        entry = {
-            "epoch": float(epoch),
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "seconds": seconds,
-            "images_per_s": seen / seconds if seconds > 0 else 0.0,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(entry)
-        logger.info(
-            "epoch %d/%d loss %.4f (%.1f images/s)",
-            epoch + 1,
-            config.epochs,
-            entry["loss"],
-            entry["images_per_s"],
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, entry)
+        finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
     if config.epochs > 0:
         recalibrate_batch_norm(model, loader)
     model.eval()

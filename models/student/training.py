@@ -221,6 +221,40 @@ def recalibrate_batch_norm(
         norm.momentum = momentum
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate from its initial value down to 0 along a half cosine over `total_steps` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+
+def finish_epoch(
+    history: list[dict[str, float]],
+    epoch: int,
+    epochs: int,
+    losses: list[float],
+    seen: int,
+    started: float,
+    optimizer: torch.optim.Optimizer,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+) -> None:
+    """Record an epoch (mean loss, seconds, images/s, learning rate) in `history`, log it, tell `on_epoch`."""
+    seconds = time.perf_counter() - started
+    entry = {
+        "epoch": float(epoch),
+        "loss": float(np.mean(losses)) if losses else float("nan"),
+        "seconds": seconds,
+        "images_per_s": seen / seconds if seconds > 0 else 0.0,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    history.append(entry)
+    logger.info(
+        "epoch %d/%d loss %.4f (%.1f images/s)", epoch + 1, epochs, entry["loss"], entry["images_per_s"]
+    )
+    if on_epoch is not None:
+        on_epoch(epoch, entry)
+
+
 def train_segmenter(
     model: nn.Module,
     samples: Sequence[Sample] | SegmentationSamples,
@@ -265,9 +299,7 @@ def train_segmenter(
     loss_fn = loss_fn or SegmentationLoss()
     optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
     total_steps = max(1, config.epochs * len(loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+    scheduler = cosine_schedule(optimizer, total_steps)
     device = next(model.parameters()).device
     to_channels_last(model)
     history: list[dict[str, float]] = []
@@ -290,24 +322,7 @@ def train_segmenter(
             scheduler.step()
             losses.append(loss.item())
             seen += images.shape[0]
-        seconds = time.perf_counter() - started
-        entry = {
-            "epoch": float(epoch),
-            "loss": float(np.mean(losses)) if losses else float("nan"),
-            "seconds": seconds,
-            "images_per_s": seen / seconds if seconds > 0 else 0.0,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(entry)
-        logger.info(
-            "epoch %d/%d loss %.4f (%.1f images/s)",
-            epoch + 1,
-            config.epochs,
-            entry["loss"],
-            entry["images_per_s"],
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, entry)
+        finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
     if config.epochs > 0:
         recalibrate_batch_norm(model, loader)
     _set_backbone_frozen(model, False)

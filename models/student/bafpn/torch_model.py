@@ -35,7 +35,13 @@ from torch import nn
 
 from models.backbone.efficientnet_lite import load_pretrained_lite0
 from models.student.checkpoint import PretrainedMixin, config_from_dict, config_to_dict
-from models.student.fpn.torch_model import FPNSegmenter, SegmentationOutput, SeparableConv, TinyPyramid
+from models.student.fpn.torch_model import (
+    FPNSegmenter,
+    SegmentationOutput,
+    SeparableConv,
+    TinyPyramid,
+    decode_pyramid,
+)
 
 #: Backbone feature levels the pyramid uses (strides 4, 8, 16, 32 of the five the backbone returns).
 PYRAMID_LEVELS = (1, 2, 3, 4)
@@ -282,14 +288,7 @@ class BAFPNModel(PretrainedMixin, nn.Module):
         Returns:
             (B, K+1, H, W) logits, channel 0 is background.
         """
-        levels = self.pyramid(x)
-        finest = levels[0].shape[-2:]
-        # Merge every level at stride 4: fine levels keep small defects, coarse ones bring context.
-        merged = levels[0]
-        for level in levels[1:]:
-            merged = merged + F.interpolate(level, size=finest, mode="bilinear", align_corners=False)
-        logits = self.classifier(self.head(merged))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return decode_pyramid(self.pyramid(x), self.head, self.classifier, x.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SegmentationOutput:
         """Logits (B, K+1, H, W) in training mode, a ``SegmentationOutput`` in eval mode."""

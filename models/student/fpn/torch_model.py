@@ -153,6 +153,22 @@ def _backbone_channels(backbone: nn.Module) -> list[int]:
     return [f.shape[1] for f in features]
 
 
+def decode_pyramid(
+    levels: list[torch.Tensor], head: nn.Module, classifier: nn.Module, size: tuple[int, int]
+) -> torch.Tensor:
+    """Pyramid levels (B, C, h_i, w_i), finest first -> (B, K+1, *size) logits.
+
+    All levels are summed at the finest one's resolution (stride 4), so small defects (fine levels) and
+    context (coarse levels) both count, then classified and upsampled to the input size.
+    """
+    finest = levels[0].shape[-2:]
+    merged = levels[0]
+    for level in levels[1:]:
+        merged = merged + F.interpolate(level, size=finest, mode="bilinear", align_corners=False)
+    logits = classifier(head(merged))
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 class FPNSegmenter(PretrainedMixin, nn.Module):
     """Multi-class FPN segmenter; see the module docstring for the architecture."""
 
@@ -201,14 +217,7 @@ class FPNSegmenter(PretrainedMixin, nn.Module):
         Returns:
             (B, K+1, H, W) logits, channel 0 is background.
         """
-        levels = self.pyramid(x)
-        finest = levels[0].shape[-2:]
-        # Merge all levels at stride 4 so small defects (fine levels) and context (coarse levels) both count.
-        merged = levels[0]
-        for level in levels[1:]:
-            merged = merged + F.interpolate(level, size=finest, mode="bilinear", align_corners=False)
-        logits = self.classifier(self.head(merged))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return decode_pyramid(self.pyramid(x), self.head, self.classifier, x.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SegmentationOutput:
         """Logits (B, K+1, H, W) in training mode, a :class:`SegmentationOutput` in eval mode."""
