@@ -21,14 +21,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from models.student.training import (
+    LoopConfig,
     Sample,
     SegmentationSamples,
     cosine_schedule,
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class AnomalyTrainConfig:
+class AnomalyTrainConfig(LoopConfig):
     """Optimisation settings of :func:`train_anomaly_model`.
 
     Args:
@@ -58,16 +58,7 @@ class AnomalyTrainConfig:
     """
 
     epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    image_size: int = 256
-    seed: int = 0
-    num_workers: int = 0
     reference_crops: int = 64
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def normal_samples(samples: Sequence[Sample]) -> list[Sample]:

@@ -40,18 +40,26 @@ BN_RECALIBRATION_BATCHES = 32
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 6
+class LoopConfig:
+    """Optimisation settings every student's training loop shares (AdamW, cosine decay to 0)."""
+
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
     image_size: int = 256
     seed: int = 0
     num_workers: int = 0
-    freeze_backbone_epochs: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Settings of :func:`train_segmenter`: the shared ones plus epochs and backbone warm-up."""
+
+    epochs: int = 6
+    freeze_backbone_epochs: int = 1
 
 
 def has_defect(mask: np.ndarray) -> bool:

@@ -21,14 +21,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import nn
 
-from models.student.fpn.loss import (
-    IGNORE_INDEX,
-    expand_weights,
-    weighted_cross_entropy,
-    weighted_soft_dice,
-)
+from models.student.fpn.loss import IGNORE_INDEX, SegmentationLoss
 
 __all__ = ["IGNORE_INDEX", "BAFPNLoss", "distillation_loss"]
 
@@ -75,8 +69,8 @@ def distillation_loss(
     return (bce * pixel_weights).sum() / total
 
 
-class BAFPNLoss(nn.Module):
-    """``ce_weight * CE + dice_weight * Dice + distill_weight * BCE(student anomaly, teacher map)``.
+class BAFPNLoss(SegmentationLoss):
+    """The FPN student's CE + Dice plus ``distill_weight * BCE(student anomaly, teacher map)``.
 
     Args:
         ce_weight: factor of the cross-entropy term.
@@ -95,11 +89,8 @@ class BAFPNLoss(nn.Module):
         distill_weight: float = 1.0,
         class_weights: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.ce_weight = ce_weight
-        self.dice_weight = dice_weight
+        super().__init__(ce_weight, dice_weight, class_weights)
         self.distill_weight = distill_weight
-        self.register_buffer("class_weights", class_weights.float() if class_weights is not None else None)
 
     def forward(
         self,
@@ -123,15 +114,7 @@ class BAFPNLoss(nn.Module):
         """
         if distill_weight is not None and teacher_map is None:
             raise ValueError("distill_weight was given without teacher_map: pass both or neither")
-        target = target.long()
-        if logits.shape[0] != target.shape[0] or logits.shape[-2:] != target.shape[-2:]:
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match")
-        pixel_weights = expand_weights(weights, target)
-        loss = self.ce_weight * weighted_cross_entropy(logits, target, pixel_weights, self.class_weights)
-        if self.dice_weight:
-            loss = loss + self.dice_weight * weighted_soft_dice(
-                logits, target, pixel_weights, self.class_weights
-            )
+        loss = super().forward(logits, target, weights)
         if teacher_map is not None and self.distill_weight:
             loss = loss + self.distill_weight * distillation_loss(logits, teacher_map, distill_weight)
         return loss
