@@ -31,15 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODELS: dict[str, tuple[str, dict]] = {
-    "fpn": ("fpn", {}),
-    "bafpn": ("bafpn", {}),
-    "bafpn-no-attention": ("bafpn", {"attention": False}),
-    "bafpn-plain": ("bafpn", {"attention": False, "bottom_up": False}),
-    "cfa": ("cfa", {}),
-    "rd4ad": ("rd4ad", {}),
-    "uninet": ("uninet", {}),
-    "uninet-supervised": ("uninet", {"supervised": True}),
+#: Row name -> (student, model config overrides, training config overrides).
+MODELS: dict[str, tuple[str, dict, dict]] = {
+    "fpn": ("fpn", {}, {}),
+    "bafpn": ("bafpn", {}, {}),
+    "bafpn-no-attention": ("bafpn", {"attention": False}, {}),
+    "bafpn-plain": ("bafpn", {"attention": False, "bottom_up": False}, {}),
+    "cfa": ("cfa", {}, {}),
+    "cfa-plain-crops": ("cfa", {}, {"turns_and_jitter": False}),
+    "rd4ad": ("rd4ad", {}, {}),
+    "rd4ad-plain-crops": ("rd4ad", {}, {"turns_and_jitter": False}),
+    "uninet": ("uninet", {}, {}),
+    "uninet-plain-crops": ("uninet", {}, {"turns_and_jitter": False}),
+    "uninet-supervised": ("uninet", {"supervised": True}, {}),
 }
 
 
@@ -48,7 +52,7 @@ def _train(variant: str, samples: list, num_classes: int, crops: int, seed: int 
     from models.student.registry import build_loss, build_student, is_anomaly_scorer
     from models.student.training import TrainConfig, train_segmenter
 
-    name, overrides = MODELS[variant]
+    name, overrides, train_overrides = MODELS[variant]
     model = build_student(name, num_classes, **overrides)
     loss_fn = build_loss(name, model)
     if not getattr(loss_fn, "distills", False):  # as in the round: teacher maps only for students that distil
@@ -57,7 +61,10 @@ def _train(variant: str, samples: list, num_classes: int, crops: int, seed: int 
         used = samples if model.supervised else normal_samples(samples)
         epochs = max(1, math.ceil(crops / len(used)))
         train_anomaly_model(
-            model, loss_fn, samples, AnomalyTrainConfig(epochs=epochs, batch_size=8, seed=seed)
+            model,
+            loss_fn,
+            samples,
+            AnomalyTrainConfig(epochs=epochs, batch_size=8, seed=seed, **train_overrides),
         )
     else:
         epochs = max(1, math.ceil(crops / len(samples)))
@@ -149,7 +156,7 @@ def conformal(variant: str, nominal_train: int, per_kind: int, crops: int) -> di
         files = sorted(folder.glob("*.jpg"))
         defects[kind] = [files[i] for i in rng.permutation(len(files))]
     defect_index = 6  # the generic `defect` of the fabric classes (1-based, after the five named ones)
-    name, overrides = MODELS[variant]
+    name, overrides, _ = MODELS[variant]
     if name in ("fpn", "bafpn") or overrides.get("supervised", False):
         extra = per_kind // 10
         unlabeled = [read_image(f) for files in defects.values() for f in files[per_kind : per_kind + extra]]

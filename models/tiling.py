@@ -3,7 +3,7 @@
 Line-scan frames (4096 x 256) and other large images are never squashed to the model's input size: they
 are cut into overlapping tiles, each tile is predicted at full resolution, and the per-tile outputs are
 blended with a separable weight window that ramps up over the overlap (raised cosine, never zero), so the
-seams between tiles do not show. Images smaller than the tile are reflect-padded and cropped back.
+seams between tiles do not show. Images smaller than the tile are mirror-padded and cropped back.
 """
 
 from __future__ import annotations
@@ -90,17 +90,16 @@ def stitch_tiles(
     return (accumulated / weight_sum).astype(np.float32)
 
 
-def pad_to_min_size(image: np.ndarray, min_height: int, min_width: int) -> np.ndarray:
-    """Reflect-pad (H, W, 3) at the bottom/right to at least min_height x min_width.
+def pad_to_min_size(array: np.ndarray, min_height: int, min_width: int) -> np.ndarray:
+    """Mirror-pad an (H, W, ...) array at the bottom/right to at least min_height x min_width.
 
-    A side of a single pixel cannot be reflected and is repeated instead.
+    Mirrored with the edge pixel repeated (numpy's "symmetric"), as training crops of small images are
+    padded (models/student/training.py), so a model sees the same borders when it predicts.
     """
-    pad_h, pad_w = max(min_height - image.shape[0], 0), max(min_width - image.shape[1], 0)
+    pad_h, pad_w = max(min_height - array.shape[0], 0), max(min_width - array.shape[1], 0)
     if pad_h == 0 and pad_w == 0:
-        return image
-    # numpy's reflect needs at least two pixels along an axis; a single row/column can only be repeated.
-    mode = "reflect" if min(image.shape[:2]) > 1 else "edge"
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+        return array
+    return np.pad(array, ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2), mode="symmetric")
 
 
 def predict_tiled(

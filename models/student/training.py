@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from models.backbone.efficientnet_lite import normalize
 from models.student.fpn.loss import IGNORE_INDEX, SegmentationLoss
 from models.student.fpn.torch_model import image_score
-from models.tiling import predict_tiled
+from models.tiling import pad_to_min_size, predict_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class SegmentationSamples(Dataset):
     """Random crops with flips, 90-degree rotations and light colour jitter.
 
     Fabric texture looks alike under those transforms, so they multiply the few labelled defects cheaply.
+    ``turns_and_jitter=False`` keeps the crops and drops the rest (an option of the anomaly scorers,
+    see anomaly_training.py).
     Images smaller than ``image_size`` are padded by mirroring (masks too, so labels stay aligned).
     Randomness comes from torch's generator, so ``torch.manual_seed`` makes the crops reproducible.
 
@@ -79,7 +81,13 @@ class SegmentationSamples(Dataset):
     without one), which the loss uses for distillation.
     """
 
-    def __init__(self, samples: Sequence[Sample], image_size: int = 256, augment: bool = True) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int = 256,
+        augment: bool = True,
+        turns_and_jitter: bool = True,
+    ) -> None:
         for i, (image, mask, *_rest) in enumerate(samples):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(
@@ -96,6 +104,7 @@ class SegmentationSamples(Dataset):
         self.with_teacher_maps = any(_teacher_map_of(sample) is not None for sample in self.samples)
         self.image_size = image_size
         self.augment = augment
+        self.turns_and_jitter = turns_and_jitter
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,11 +116,7 @@ class SegmentationSamples(Dataset):
         self, image: np.ndarray, mask: np.ndarray, teacher_map: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = self.image_size
-        pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
-        if pad_h or pad_w:
-            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
-            mask = np.pad(mask, ((0, pad_h), (0, pad_w)), mode="symmetric")
-            teacher_map = np.pad(teacher_map, ((0, pad_h), (0, pad_w)), mode="symmetric")
+        image, mask, teacher_map = (pad_to_min_size(a, size, size) for a in (image, mask, teacher_map))
         height, width = mask.shape
         if has_defect(mask) and torch.rand(()) < DEFECT_CROP_PROB:
             # Centre the crop near a defect pixel: on long line-scan frames a random crop mostly misses it.
@@ -137,7 +142,7 @@ class SegmentationSamples(Dataset):
         mask_t = torch.from_numpy(np.ascontiguousarray(mask)).long()  # (H, W)
         map_t = torch.from_numpy(np.ascontiguousarray(teacher_map, dtype=np.float32))  # (H, W)
         x = normalize(image_t.unsqueeze(0))[0]  # (3, H, W)
-        if self.augment:
+        if self.augment and self.turns_and_jitter:
             x, mask_t, map_t = self._geometric(x, mask_t, map_t)
             x = self._jitter(x)
         if self.with_teacher_maps:
@@ -370,9 +375,13 @@ def predict_images(
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segment images of any size.
 
-    Images that fit in one tile go through the model whole, batched with others of the same size; larger
+    Images that fit in one tile are mirror-padded to the tile (bottom and right) and batched; larger
     ones (line-scan frames) are cut into overlapping tiles of the model's training size, and the tiles'
-    softmax probabilities are stitched before the argmax, so seams do not flip classes.
+    softmax probabilities are stitched before the argmax, so seams do not flip classes. The padding is
+    what training crops of small images get and what the exported model needs; without it, a 250 x 250
+    image meets zero padding inside the network where training never did, and the anomaly scorers,
+    calibrated on tile-sized crops, read its border as a defect (CFA put every conformal-clip image
+    ~25 calibration scales above its threshold, image AUROC 0.5).
 
     Args:
         model: a segmentation student (eval-mode output may be logits or a ``SegmentationOutput``).
@@ -391,25 +400,20 @@ def predict_images(
             raise ValueError(
                 f"predict_images expects (H, W, 3) uint8 images, got {image.shape} {image.dtype}"
             )
-    whole_by_shape: dict[tuple[int, ...], list[int]] = {}
-    tiled = []
-    for index, image in enumerate(images):
-        if image.shape[0] <= tile and image.shape[1] <= tile:
-            whole_by_shape.setdefault(image.shape, []).append(index)
-        else:
-            tiled.append(index)
+    whole = [index for index, image in enumerate(images) if max(image.shape[:2]) <= tile]
+    tiled = [index for index, image in enumerate(images) if max(image.shape[:2]) > tile]
 
     probabilities = _probabilities_fn(to_channels_last(model))
     was_training = model.training
     model.eval()
     results: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
     with torch.inference_mode():
-        for indices in whole_by_shape.values():
-            for first in range(0, len(indices), batch_size):
-                chunk = indices[first : first + batch_size]
-                batch_probs = probabilities(np.stack([images[i] for i in chunk]))
-                for index, probs in zip(chunk, batch_probs, strict=True):
-                    results[index] = _summarise(probs)
+        for first in range(0, len(whole), batch_size):
+            chunk = whole[first : first + batch_size]
+            batch_probs = probabilities(np.stack([pad_to_min_size(images[i], tile, tile) for i in chunk]))
+            for index, probs in zip(chunk, batch_probs, strict=True):
+                height, width = images[index].shape[:2]
+                results[index] = _summarise(probs[:, :height, :width])
         for index in tiled:
             probs = predict_tiled(probabilities, images[index], tile, tile_overlap, batch_size=batch_size)
             results[index] = _summarise(probs)

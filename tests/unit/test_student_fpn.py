@@ -304,6 +304,24 @@ def test_predict_images_runs_the_fpn_on_small_and_long_images() -> None:
     assert [r[1].shape for r in results] == [(64, 512), (40, 48)]
 
 
+def test_small_images_are_predicted_with_the_borders_training_crops_have() -> None:
+    """A 40 x 48 image is mirror-padded to the 64 px tile for prediction, exactly as a training crop is."""
+    from models.backbone.efficientnet_lite import normalize
+
+    rng = np.random.default_rng(0)
+    image = fabric(rng, 40, 48)
+    padded = np.pad(image, ((0, 24), (0, 16), (0, 0)), mode="symmetric")
+    crop, _, _ = SegmentationSamples(
+        [(image, np.zeros((40, 48), np.uint8), 1.0)], image_size=64, turns_and_jitter=False
+    )[0]
+    torch.testing.assert_close(crop, normalize(torch.tensor(padded[None]))[0])
+
+    model = tiny_model(image_size=64)
+    ((small_map, _, _),) = predict_images(model, [image])
+    ((padded_map, _, _),) = predict_images(model, [padded])
+    np.testing.assert_allclose(small_map, padded_map[:40, :48], atol=1e-6)
+
+
 def test_predict_images_batches_same_size_images_without_changing_results() -> None:
     model = tiny_model(image_size=64)
     rng = np.random.default_rng(0)
