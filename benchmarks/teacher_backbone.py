@@ -17,6 +17,7 @@ wall time of fit + predict.
 
     python benchmarks/teacher_backbone.py              # full run
     python benchmarks/teacher_backbone.py --quick      # smaller pools, a few minutes
+    python benchmarks/teacher_backbone.py --datasets fabric local --bank-sizes 1024 4096   # A/B per row
 """
 
 from __future__ import annotations
@@ -48,10 +49,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _fit_predict(pool: list[np.ndarray], normals: list[np.ndarray]) -> tuple[list, float]:
+def _fit_predict(
+    pool: list[np.ndarray], normals: list[np.ndarray], bank_size: int | None
+) -> tuple[list, float]:
     from models.teacher.backbone import BackboneTeacher, TeacherConfig
+    from models.teacher.backbone.memory_bank import MemoryBankConfig
 
-    teacher = BackboneTeacher(TeacherConfig())
+    config = TeacherConfig()
+    if bank_size is not None:
+        config.memory_bank = MemoryBankConfig(size=bank_size)
+    teacher = BackboneTeacher(config)
     started = time.perf_counter()
     teacher.fit(pool, normals)
     predictions = teacher.predict(pool)
@@ -67,7 +74,7 @@ def _fabric_dataset(root: Path, n_images: int) -> Path:
     return folder
 
 
-def fabric_row(data: Path, shots: int) -> dict[str, float]:
+def fabric_row(data: Path, shots: int, bank_size: int | None = None) -> dict[str, float]:
     """Fit on the pool (minus the references), score the test split against its masks."""
     import pandas as pd
 
@@ -81,7 +88,7 @@ def fabric_row(data: Path, shots: int) -> dict[str, float]:
     split = manifest["split"].to_numpy()
     references = [i for i in np.flatnonzero(split == "train") if not masks[i].any()][:shots]
     pool = [i for i in range(len(images)) if i not in set(references)]
-    predictions, speed = _fit_predict([images[i] for i in pool], [images[i] for i in references])
+    predictions, speed = _fit_predict([images[i] for i in pool], [images[i] for i in references], bank_size)
     by_index = dict(zip(pool, predictions, strict=True))
     test = [i for i in np.flatnonzero(split == "test") if i in by_index]
     maps = [by_index[i].anomaly_map for i in test]
@@ -98,7 +105,9 @@ def fabric_row(data: Path, shots: int) -> dict[str, float]:
     }
 
 
-def conformal_row(kind: str, nominal: int, defects: int, shots: int) -> dict[str, float]:
+def conformal_row(
+    kind: str, nominal: int, defects: int, shots: int, bank_size: int | None = None
+) -> dict[str, float]:
     """Pool of `nominal` - `shots` nominal + `defects` images of one kind; image AUROC."""
     import conformal_clip_data as ccd
 
@@ -113,7 +122,7 @@ def conformal_row(kind: str, nominal: int, defects: int, shots: int) -> dict[str
     folder = ccd.local_dir() if kind == "local" else ccd.global_dir()
     defect_files = sorted(Path(folder).glob("*.jpg"))
     defect_pool = [read_image(defect_files[i]) for i in np.sort(rng.permutation(len(defect_files))[:defects])]
-    predictions, speed = _fit_predict(normal_pool + defect_pool, references)
+    predictions, speed = _fit_predict(normal_pool + defect_pool, references, bank_size)
     labels = [0] * len(normal_pool) + [1] * len(defect_pool)
     return {
         "pool": len(labels),
@@ -125,9 +134,11 @@ def conformal_row(kind: str, nominal: int, defects: int, shots: int) -> dict[str
 def _child(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     if spec["dataset"] == "fabric":
-        row = fabric_row(Path(spec["data"]), spec["shots"])
+        row = fabric_row(Path(spec["data"]), spec["shots"], spec.get("bank_size"))
     else:
-        row = conformal_row(spec["dataset"], spec["nominal"], spec["defects"], spec["shots"])
+        row = conformal_row(
+            spec["dataset"], spec["nominal"], spec["defects"], spec["shots"], spec.get("bank_size")
+        )
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(row))
 
@@ -157,7 +168,20 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "loom-teacher-bench")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-conformal", action="store_true", help="skip conformal-clip-data")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=["fabric", "memory", "local", "global"],
+        default=["fabric", "memory", "local", "global"],
+        help="rows to run: fabric 240, the fabric memory pool, conformal local, conformal global",
+    )
+    parser.add_argument(
+        "--bank-sizes",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="reference bank sizes to compare, one row each (default: the teacher's own)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one row in its own process, so its peak RSS is its own
@@ -178,27 +202,32 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
 
-    def report(dataset: str, shots: int, row: dict[str, float]) -> None:
+    def report(dataset: str, shots: int, bank_size: int | None, row: dict[str, float]) -> None:
         cells = [_cell(row, key) for key in ("pixel_auroc", "aupro", "mask_iou", "mask_f1", "image_auroc")]
+        mode = _mode(shots) + ("" if bank_size is None else f", bank {bank_size}")
         print(
-            f"| {dataset} | {_mode(shots)} | {row['pool']} | {' | '.join(cells)} | {row['images_per_s']:.1f} "
+            f"| {dataset} | {mode} | {row['pool']} | {' | '.join(cells)} | {row['images_per_s']:.1f} "
             f"| {row['peak_rss_mb']:.0f} |",
             flush=True,
         )
 
-    base = {"threads": args.threads}
-    for shots in args.shots:
-        row = _run_child({**base, "dataset": "fabric", "data": str(fabric_240), "shots": shots})
-        report("fabric 240 (test split)", shots, row)
-    row = _run_child({**base, "dataset": "fabric", "data": str(fabric_memory), "shots": 0})
-    report(f"fabric {memory_images} (test split)", 0, row)
-    if args.no_conformal:
-        return
+    rows: list[tuple[str, dict]] = []  # (dataset label, child spec without shots)
+    if "fabric" in args.datasets:
+        rows.append(("fabric 240 (test split)", {"dataset": "fabric", "data": str(fabric_240)}))
+    if "memory" in args.datasets:
+        rows.append(
+            (f"fabric {memory_images} (test split)", {"dataset": "fabric", "data": str(fabric_memory)})
+        )
     for kind in ("local", "global"):
-        for defects in defect_counts:
-            for shots in args.shots:
-                spec = {**base, "dataset": kind, "nominal": nominal, "defects": defects, "shots": shots}
-                report(f"conformal {kind}, {nominal} nominal + {defects}", shots, _run_child(spec))
+        for defects in defect_counts if kind in args.datasets else ():
+            label = f"conformal {kind}, {nominal} nominal + {defects}"
+            rows.append((label, {"dataset": kind, "nominal": nominal, "defects": defects}))
+    for label, spec in rows:
+        # The memory row is a zero-shot run only; every other row runs each requested mode.
+        for shots in [0] if spec.get("data") == str(fabric_memory) else args.shots:
+            for bank_size in args.bank_sizes:
+                row = _run_child({**spec, "threads": args.threads, "shots": shots, "bank_size": bank_size})
+                report(label, shots, bank_size, row)
 
 
 if __name__ == "__main__":
