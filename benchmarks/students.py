@@ -73,7 +73,7 @@ def _train(variant: str, samples: list, num_classes: int, crops: int, seed: int 
     return model.eval()
 
 
-def fabric(variant: str, data: Path, crops: int) -> dict[str, float]:
+def fabric(variant: str, data: Path, crops: int, seed: int = 0) -> dict[str, float]:
     """Train on the embedded train split, evaluate on its test split."""
     import pandas as pd
 
@@ -93,9 +93,8 @@ def fabric(variant: str, data: Path, crops: int) -> dict[str, float]:
     train_images, train_masks = load("train")
     test_images, test_masks = load("test")
     started = time.perf_counter()
-    model = _train(
-        variant, [(i, m, 1.0) for i, m in zip(train_images, train_masks, strict=True)], len(classes), crops
-    )
+    samples = [(i, m, 1.0) for i, m in zip(train_images, train_masks, strict=True)]
+    model = _train(variant, samples, len(classes), crops, seed)
     train_seconds = time.perf_counter() - started
     outputs = predict_images(model, test_images)
     metrics = evaluate_segmentation(
@@ -177,7 +176,7 @@ def conformal(variant: str, nominal_train: int, per_kind: int, crops: int) -> di
 def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.child == "fabric":
-        result = fabric(args.model, args.data, args.crops)
+        result = fabric(args.model, args.data, args.crops, args.seed)
     else:
         result = conformal(args.model, args.nominal_train, args.per_kind, args.crops)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -198,6 +197,7 @@ def main() -> None:
     parser.add_argument("--nominal-train", type=int, default=200)
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the embedded-data rows")
     parser.add_argument("--skip-conformal", action="store_true")
     parser.add_argument("--skip-fabric", action="store_true", help="only the conformal-clip-data rows")
     parser.add_argument("--child", choices=["fabric", "conformal"], help=argparse.SUPPRESS)
@@ -213,7 +213,7 @@ def main() -> None:
 
     def child(kind: str, model: str) -> dict[str, float]:
         command = [sys.executable, __file__, "--child", kind, "--model", model, "--data", str(args.data)]
-        command += ["--crops", str(args.crops), "--threads", str(args.threads)]
+        command += ["--crops", str(args.crops), "--threads", str(args.threads), "--seed", str(args.seed)]
         command += ["--nominal-train", str(args.nominal_train), "--per-kind", str(args.per_kind)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -230,7 +230,8 @@ def main() -> None:
     )
     print(
         f"Embedded fabric test split (60 images), trained on the 180 train images' true masks, {args.crops} "
-        "crops each (defect IoU: any-defect pixels, the class ignored; anomaly scorers only mark `defect`):\n"
+        f"crops each, seed {args.seed} (defect IoU: any-defect pixels, the class ignored; anomaly scorers "
+        "only mark `defect`):\n"
     )
     print("| model | pixel AUROC | AUPRO@0.3 | defect IoU | mIoU | " + " | ".join(f"IoU {c}" for c in names)
           + " | image AUROC | params (M) | train s | peak RSS MB |")  # fmt: skip
