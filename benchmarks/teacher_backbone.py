@@ -189,8 +189,6 @@ def main() -> None:
         return
 
     nominal, defect_counts, memory_images = (200, (100, 10), 300) if args.quick else (1000, (500, 50), 1000)
-    fabric_240 = _fabric_dataset(args.data, 240)
-    fabric_memory = _fabric_dataset(args.data, memory_images)
     print(f"Command: `python {shlex.join(sys.argv)}`  ")
     print(
         f"Machine: {cpu_model()}, nproc {os.cpu_count()}, torch {torch.__version__} with {args.threads} "
@@ -211,20 +209,20 @@ def main() -> None:
             flush=True,
         )
 
-    rows: list[tuple[str, dict]] = []  # (dataset label, child spec without shots)
+    # (dataset label, child spec without shots, modes to run); datasets are generated only when asked for.
+    rows: list[tuple[str, dict, list[int]]] = []
     if "fabric" in args.datasets:
-        rows.append(("fabric 240 (test split)", {"dataset": "fabric", "data": str(fabric_240)}))
-    if "memory" in args.datasets:
-        rows.append(
-            (f"fabric {memory_images} (test split)", {"dataset": "fabric", "data": str(fabric_memory)})
-        )
+        spec = {"dataset": "fabric", "data": str(_fabric_dataset(args.data, 240))}
+        rows.append(("fabric 240 (test split)", spec, args.shots))
+    if "memory" in args.datasets:  # the memory row is a zero-shot run only
+        spec = {"dataset": "fabric", "data": str(_fabric_dataset(args.data, memory_images))}
+        rows.append((f"fabric {memory_images} (test split)", spec, [0]))
     for kind in ("local", "global"):
         for defects in defect_counts if kind in args.datasets else ():
             label = f"conformal {kind}, {nominal} nominal + {defects}"
-            rows.append((label, {"dataset": kind, "nominal": nominal, "defects": defects}))
-    for label, spec in rows:
-        # The memory row is a zero-shot run only; every other row runs each requested mode.
-        for shots in [0] if spec.get("data") == str(fabric_memory) else args.shots:
+            rows.append((label, {"dataset": kind, "nominal": nominal, "defects": defects}, args.shots))
+    for label, spec, modes in rows:
+        for shots in modes:
             for bank_size in args.bank_sizes:
                 row = _run_child({**spec, "threads": args.threads, "shots": shots, "bank_size": bank_size})
                 report(label, shots, bank_size, row)
