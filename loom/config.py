@@ -51,7 +51,7 @@ class RoundParams:
     clip_model: str = "ViT-B-16-plus-240"
     clip_pretrained: str = "laion400m_e32"  # open_clip tag, read from the local cache only
     clip_checkpoint: str = ""  # or a local open_clip checkpoint file
-    students: tuple[str, ...] = ("bafpn",)  # trained each round; the best competes with the champion
+    students: tuple[str, ...] = ("fpn",)  # trained each round; the best competes with the champion
     image_size: int = 256
     epochs: int = 6  # at least this many passes over the labeled set ...
     train_samples: int = 2400  # ... and at least this many crops seen, so a small labeled set still trains
