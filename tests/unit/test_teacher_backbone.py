@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from models.teacher.backbone import BackboneTeacher, TeacherConfig, TeacherPrediction
+from models.teacher.backbone.texture import texture_energy
 
 
 def woven(height: int, width: int, seed: int, noise: float = 3.0, period: float = 8.0) -> np.ndarray:
@@ -186,6 +187,56 @@ def test_a_whole_image_unlike_the_others_is_flagged_as_a_whole(
     assert int(np.argmax([prediction.score for prediction in predictions])) == 3
     assert predictions[3].mask.mean() > 0.9
     assert all(prediction.mask.mean() < 0.01 for index, prediction in enumerate(predictions) if index != 3)
+
+
+@pytest.mark.parametrize(("fraction", "found"), [(0.0, False), (0.2, True)])
+def test_recurring_whole_image_defects_need_more_neighbours_than_there_are_of_them(
+    fraction: float, found: bool
+) -> None:
+    """Three images of another weave in a pool of 30: judged against their 2 nearest images they vouch
+    for each other; against 20% of the pool (6 images) good weaves are among those, and they stand out."""
+    images = [woven(64, 64, seed) for seed in range(30)]
+    odd = (4, 11, 23)
+    for index in odd:
+        images[index] = woven(64, 64, index, period=6.0)
+    config = TeacherConfig(image_size=128, global_neighbours=2, global_neighbour_fraction=fraction)
+    predictions = BackboneTeacher(config).fit_predict_pool(images)
+    flagged = {index for index, prediction in enumerate(predictions) if prediction.mask.mean() > 0.9}
+    assert flagged == (set(odd) if found else set())
+
+
+def faint_speckle(image: np.ndarray, amplitude: float, seed: int = 7) -> np.ndarray:
+    """`image` with pixel noise of `amplitude` grey levels added to its 8 x 8 block at (20, 36)."""
+    noisy = image.copy()
+    block = noisy[20:28, 36:44].astype(np.float64)
+    block += np.random.default_rng(seed).normal(0.0, amplitude, (8, 8, 1))
+    noisy[20:28, 36:44] = np.clip(block, 0, 255).astype(np.uint8)
+    return noisy
+
+
+def test_texture_energy_peaks_at_pixel_noise_and_is_relative_to_the_image() -> None:
+    image = faint_speckle(woven(64, 64, 0), amplitude=10)
+    energy = texture_energy(image)
+    assert energy.shape == (64, 64) and energy.dtype == np.float32
+    assert np.median(energy) == pytest.approx(0.0, abs=1e-6)
+    top, left = np.unravel_index(np.argmax(energy), energy.shape)
+    assert 16 <= top < 32 and 32 <= left < 48
+    # Sharper noise everywhere moves the whole image, not one place in it.
+    assert texture_energy(woven(64, 64, 0, noise=12.0)).max() < 0.5 * energy.max()
+
+
+def test_texture_term_masks_more_of_a_faint_speckle_and_nothing_elsewhere() -> None:
+    """Pixel-scale noise the pooled features only half see: the texture term covers more of it and adds
+    no mask pixel to any other image."""
+    images = [woven(64, 64, seed) for seed in range(12)]
+    images[5] = faint_speckle(images[5], amplitude=10)
+    with_term, without = (
+        BackboneTeacher(TeacherConfig(image_size=128, fine_texture=on)).fit_predict_pool(images)
+        for on in (True, False)
+    )
+    assert with_term[5].mask[20:28, 36:44].mean() > without[5].mask[20:28, 36:44].mean() + 0.1
+    for index in set(range(12)) - {5}:
+        np.testing.assert_array_equal(with_term[index].mask, without[index].mask)
 
 
 def test_fit_without_normals_is_fit_pool() -> None:

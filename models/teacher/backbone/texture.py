@@ -1,0 +1,31 @@
+"""Fine-texture energy: the pixel-scale cue that the teacher's CNN features average away.
+
+Speckle, lint, pin-holes and loose fibre ends change fabric at the scale of single pixels. The teacher's
+finest Lite0 level (stride 2) is average-pooled to the stride-8 patch grid, where such noise largely
+cancels; pooling that level by its maximum or its RMS instead made things worse on the conformal-clip
+speckles (image AUROC 0.85 / 0.87 against 0.90, 300 nominal + 100 local defects). The local energy of the
+image's Laplacian, a classic texture-energy measure, keeps it: on the same images it alone separates the
+speckled ones at image AUROC 0.999. On the embedded fabric data the same map alone is a poor defect map
+(pixel AUROC 0.72: weaves differ in fine texture, most defects are not pixel-scale), so the teacher lets it
+in only where it stands far above the pool's typical level (torch_model.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.ndimage import laplace, uniform_filter
+
+#: Side of the square window the squared Laplacian is averaged over: about one speckle.
+TEXTURE_WINDOW = 9
+
+
+def texture_energy(image: np.ndarray, window: int = TEXTURE_WINDOW) -> np.ndarray:
+    """(H, W, 3) uint8 image -> (H, W) float32 fine-texture energy relative to the image's own level.
+
+    log(1 + local mean of the squared Laplacian of the grey image) minus its median over the image, so a
+    sharper or noisier camera (or fabric) as a whole is not singled out, only the places where the fine
+    texture is stronger than elsewhere in the same image.
+    """
+    grey = image.astype(np.float32).mean(axis=-1)
+    energy = np.log1p(uniform_filter(laplace(grey) ** 2, size=window, mode="reflect"))
+    return (energy - np.median(energy)).astype(np.float32)
