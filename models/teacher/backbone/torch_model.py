@@ -56,16 +56,17 @@ images they raised the conformal local image AUROC from 0.893 to 0.911 and the f
 0.979 to 0.982, at 13.5 instead of 16 images/s (BENCHMARKS.md has the full table).
 
 Pixel-scale texture. Speckle-sized defects that the pooled features miss show in the local energy of the
-image's Laplacian (texture.py). Each image's maximum of that energy is standardised by the median and MAD-
-sigma of those maxima over the pool, like the global term, and the energy map is put on the pixel scale the
-same way (pixel median + z x pixel sigma); the map is the maximum of the two. A typical image's texture then
-sits at z ~ 0, below its own map maximum (~3 pixel sigmas), and adds nothing; only fine texture far stronger
-than the pool's usual maximum marks a place. Measured with this teacher's maps on 600 conformal-clip nominal
-+ 40 local + 40 global defects, zero-shot: local image AUROC 0.868 -> 0.983, global 0.9998 either way; on
-the embedded fabric pool the pixel AUROC, AUPRO@0.3 and image AUROC stay exactly as they were, zero- and
-one-shot. Standardising by the pool's pixels instead (with a margin of 2 sigmas) put nominal images'
-ordinary texture peaks above their maps and swamped the global term (global image AUROC 0.52 -> 0.07 with
-500 global defects in the pool).
+image's Laplacian (texture.py). Each image's maximum of that energy is standardised by the median and
+MAD-sigma of those maxima over the pool, like the global term, and the energy map is put on the pixel scale
+the same way (pixel median + z x pixel sigma); the map is the maximum of the two. A typical image's texture
+then sits at z ~ 0, below its own map maximum (~3 pixel sigmas), and adds nothing; only fine texture far
+stronger than the pool's usual maximum marks a place. Measured with this teacher's maps on 600
+conformal-clip nominal + 40 local + 40 global defects, zero-shot: local image AUROC 0.868 -> 0.983, global
+0.9998 either way; on the embedded fabric pool the pixel AUROC, AUPRO@0.3 and image AUROC stay exactly as
+they were, zero- and one-shot. In the full benchmark (BENCHMARKS.md) the local rows went from 0.886 to 0.991
+(1,000 nominal + 50) and 0.905 (+ 500). Standardising by the pool's pixels instead (with a margin of 2
+sigmas) put nominal images' ordinary texture peaks above their maps and swamped the global term (global
+image AUROC 0.52 -> 0.07 with 500 global defects in the pool).
 
 Thresholds, masks and uncertainty (robust statistics, no labels):
 - without normals: `pixel_threshold` = median + `threshold_mads` x MAD-sigma of the pool's pixel scores
