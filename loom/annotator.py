@@ -5,6 +5,14 @@ task, looks at the pre-annotation, fixes it to the truth and submits, through th
 under its own account, so Loom reads its answers exactly as it reads a person's. The truth is the
 dataset's ground-truth mask; what changed between the pre-annotation and the truth is recorded as a
 :class:`Correction` so the demo can report how much work the teacher left for people.
+
+With a :class:`ClickPolicy` it corrects the way an annotator with Defect-Click does, through the real path:
+for each defect object it places smart key points where the NoC protocol puts them (the centre of the
+larger error region), each sent to Label Studio's interactive endpoint exactly as the labeling UI sends it
+(Label Studio forwards it to the ML backend), until the returned mask covers the object with IoU >= the
+target or 20 clicks are spent; only then does it paint the object by hand. Pre-annotation regions that
+cover no defect are deleted. What it submits is what it would have got: the backend's masks where the
+clicks sufficed, the truth where it painted.
 """
 
 from __future__ import annotations
@@ -14,11 +22,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import requests
+from scipy import ndimage
 
 from loom.config import Settings
-from loom.labelstudio import MalformedAnnotation, connect, mask_to_results, results_to_mask
+from loom.labelstudio import (
+    PREANNOTATION_ID_PREFIX,
+    MalformedAnnotation,
+    connect,
+    interactive_annotate,
+    keypoint_result,
+    mask_to_results,
+    results_to_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +56,35 @@ class Correction:
     classes_before: tuple[str, ...]
     classes_after: tuple[str, ...]
     accepted_as_is: bool  # the prediction already matched the truth
+    objects: int = 0  # defect objects (connected regions) in the truth
+    clicks: int = 0  # smart key points placed (click mode)
+    painted: int = 0  # objects 20 clicks could not fix, painted by hand (click mode)
+    final_iou: float = 1.0  # the submitted mask against the truth
+
+
+@dataclass(frozen=True)
+class ClickPolicy:
+    """How the simulated annotator clicks: through ML backend ``ml_backend`` of the project."""
+
+    ml_backend: int
+    target_iou: float = 0.90
+    max_clicks: int = 20
+    neighbourhood_px: int = 8  # pre-annotation components this close to an object are its start
+
+
+def objects_of(truth: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """(object mask (H, W) bool, class id) per 8-connected defect region of a class-index mask."""
+    labelled, count = ndimage.label(truth > 0, structure=np.ones((3, 3), dtype=bool))
+    found = []
+    for index in range(1, count + 1):
+        region = labelled == index
+        found.append((region, int(np.bincount(truth[region]).argmax())))
+    return found
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return 1.0 if union == 0 else float(np.count_nonzero(a & b) / union)
 
 
 def defect_iou(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -86,13 +134,17 @@ class SimulatedAnnotator:
         token: str,
         ground_truth: Callable[[str], np.ndarray | None],
         classes: Sequence[str],
+        clicks: ClickPolicy | None = None,
     ) -> None:
         self.settings = settings
+        self.token = token
         self.client = connect(settings, token=token)
         self.ground_truth = ground_truth
         self.classes = tuple(classes)
+        self.policy = clicks
         self.corrections: list[Correction] = []
         self._lock = threading.Lock()
+        self._http = requests.Session()
 
     def annotate_pending(self, project_id: int) -> list[Correction]:
         """Submit an annotation for every task without one; returns the corrections made now."""
@@ -127,22 +179,72 @@ class SimulatedAnnotator:
             logger.warning("Task %d: unreadable pre-annotation (%s); drawing from scratch", task_id, exc)
             pred = np.zeros_like(truth)
         correction = compare_masks(image_id, task_id, pred, truth, self.classes)
+        correction.objects = len(objects_of(truth))
+        if self.policy is None:
+            result = mask_to_results(truth, self.classes)
+        else:
+            result, correction.clicks, correction.painted = self._click(task_id, truth, pred)
+            submitted = results_to_mask(result, height, width, self.classes)
+            correction.final_iou = defect_iou(submitted, truth)
         self.client.annotations.create(
             id=task_id,
-            result=mask_to_results(truth, self.classes),
+            result=result,
             parent_prediction=prediction.id if prediction is not None else None,
             lead_time=time.monotonic() - started,
         )
         logger.info(
-            "Task %d (%s): IoU %.3f, +%d/-%d px%s",
+            "Task %d (%s): IoU %.3f, +%d/-%d px, %d clicks, %d painted%s",
             task_id,
             image_id,
             correction.pred_iou,
             correction.pixels_added,
             correction.pixels_removed,
+            correction.clicks,
+            correction.painted,
             ", accepted as is" if correction.accepted_as_is else "",
         )
         return correction
+
+    def _click(
+        self, task_id: int, truth: np.ndarray, pred: np.ndarray
+    ) -> tuple[list[dict[str, Any]], int, int]:
+        """Correct every object of ``truth`` by smart key points; returns (results, clicks, painted)."""
+        from models.clicker.noc import next_click
+
+        assert self.policy is not None
+        height, width = truth.shape
+        prelabel = pred > 0
+        grown = ndimage.binary_dilation
+        labelled, _ = ndimage.label(prelabel, structure=np.ones((3, 3), dtype=bool))
+        results: list[dict[str, Any]] = []
+        clicks = painted = 0
+        for obj, class_id in objects_of(truth):
+            name = self.classes[class_id - 1]
+            near = grown(obj, iterations=self.policy.neighbourhood_px)
+            current = np.isin(labelled, np.unique(labelled[near & prelabel])) & prelabel
+            region_id = None
+            spent = 0
+            while _iou(current, obj) < self.policy.target_iou and spent < self.policy.max_clicks:
+                click = next_click(current, obj)
+                point = keypoint_result(click.x, click.y, width, height, name, click.is_positive)
+                answer = interactive_annotate(
+                    self.settings, self._http, self.token, self.policy.ml_backend, task_id, [point]
+                )
+                spent += 1
+                mine = [r for r in answer.get("result") or [] if r.get("type") == "brushlabels"]
+                current = results_to_mask(mine, height, width, [name]) > 0 if mine else np.zeros_like(obj)
+                region_id = mine[0]["id"] if mine else region_id
+            clicks += spent
+            prefix = PREANNOTATION_ID_PREFIX if spent == 0 else ""  # kept as the teacher drew it
+            if _iou(current, obj) < self.policy.target_iou:
+                painted += 1
+                current, region_id, prefix = obj, None, ""  # painted by hand: a region of its own
+            region = mask_to_results(current.astype(np.uint8), [name], id_prefix=prefix)
+            for item in region:
+                if region_id is not None and all(r["id"] != region_id for r in results):
+                    item["id"] = region_id
+            results.extend(region)
+        return results, clicks, painted
 
     def run_in_background(self, project_id: int, poll_s: float = 1.0) -> threading.Event:
         """Keep answering new tasks from a daemon thread until the returned event is set."""

@@ -37,7 +37,7 @@ def up(
     workspace: Path = WorkspaceOpt,
     deploy: bool = typer.Option(False, help="Also register the prefect.yaml deployments (nightly round)."),
 ) -> None:
-    """Start Label Studio, Prefect (server + worker) and the MLflow UI on 127.0.0.1."""
+    """Start Label Studio, Prefect (server + worker), the MLflow UI and the ML backend on 127.0.0.1."""
     from loom import stack
 
     settings = load_settings(workspace)
@@ -55,10 +55,27 @@ def down(workspace: Path = WorkspaceOpt) -> None:
 
 @app.command()
 def status(workspace: Path = WorkspaceOpt) -> None:
-    """Show which servers run, their health and URLs."""
+    """Show which servers run, their health and URLs, and whether the ML backend serves the project."""
     from loom import stack
 
-    typer.echo(stack.status(load_settings(workspace)).table())
+    settings = load_settings(workspace)
+    current = stack.status(settings)
+    typer.echo(current.table())
+    if current["labelstudio"].healthy and current["backend"].healthy:
+        typer.echo(stack.backend_connection(settings))
+
+
+@app.command()
+def backend(
+    workspace: Path = WorkspaceOpt,
+    host: str = typer.Option(None, help="Address to listen on (default: ports.host of params.yaml)."),
+    port: int = typer.Option(None, help="Port (default: ports.backend of params.yaml or LOOM_BACKEND_PORT)."),
+) -> None:
+    """The Label Studio ML backend: smart key points -> brush masks (Defect-Click); `loom up` starts it."""
+    from loom.backend import serve
+
+    settings = load_settings(workspace)
+    serve(settings, host or settings.ports.host, port or settings.ports.backend)
 
 
 @app.command()
@@ -117,14 +134,23 @@ def train(
         help="Student: fpn, bafpn, cfa, rd4ad or uninet (default: the first of round.students).",
     ),
     epochs: int = typer.Option(None),
+    data: Path = typer.Option(
+        None, "--data", help="A folder dataset (images/ + masks/ class masks) instead of the workspace."
+    ),
+    out: Path = typer.Option(None, "--out", help="Where to save the student (with --data)."),
 ) -> None:
-    """Train a student on the workspace's current human + auto-accepted labels (no round bookkeeping)."""
+    """Train a student on the workspace's current human + auto-accepted labels, or on a folder dataset."""
     from loom.runner import run_task
-    from tasks.train import train_student
+    from tasks.train import fit_student, folder_samples, train_student
     from tasks.version import next_round_number
 
     settings = load_settings(workspace, epochs=epochs)
-    student = run_task(train_student, settings, max(next_round_number(settings) - 1, 1), model)
+    if data is None:
+        student = run_task(train_student, settings, max(next_round_number(settings) - 1, 1), model)
+    else:
+        name = model or settings.round.students[0]
+        model_dir = out or settings.models_dir / "folder" / f"{data.resolve().name}-{name}"
+        student = fit_student(settings, name, folder_samples(settings, data), model_dir, {"data": str(data)})
     typer.echo(f"{student.name} saved to {student.model_dir}")
 
 
@@ -132,16 +158,37 @@ def train(
 def evaluate(
     model: str = typer.Option("champion", help="'champion', a registry version number, or a model folder."),
     workspace: Path = WorkspaceOpt,
+    data: Path = typer.Option(
+        None, "--data", help="A folder dataset (its test split, or every image of a plain folder)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (miou, per_class_iou, ...)."),
 ) -> None:
-    """Evaluate a student on the workspace's frozen test split and print the metrics."""
+    """Evaluate a student on the workspace's frozen test split, or a folder dataset; print the metrics."""
+    import json
+
+    from loom.datasets.folder import load_labeled_folder
     from loom.runner import resolve_model, run_task
-    from tasks.train import TrainedStudent, evaluate_student
+    from tasks.train import TrainedStudent, evaluate_on, evaluate_student
 
     settings = load_settings(workspace)
     model_dir = resolve_model(settings, model)
-    student = TrainedStudent(model_dir.name, str(model_dir), 0, 0, 0.0, [])
-    evaluation = run_task(evaluate_student, settings, student)
-    for name, value in sorted(evaluation.metrics.items()):
+    if data is None:
+        student = TrainedStudent(model_dir.name, str(model_dir), 0, 0, 0.0, [])
+        metrics = run_task(evaluate_student, settings, student).metrics
+    else:
+        items = load_labeled_folder(data, settings.classes, split="test")
+        metrics = evaluate_on(settings, model_dir, [i.image for i in items], [i.mask for i in items]).metrics
+    if as_json:
+        per_class = {c: metrics[f"iou_{c}"] for c in settings.classes if f"iou_{c}" in metrics}
+        summary = {
+            "miou": metrics.get("miou"),
+            "per_class_iou": per_class,
+            "pixel_auroc": metrics.get("pixel_auroc"),
+            "metrics": metrics,
+        }
+        typer.echo(json.dumps(summary, default=float))
+        return
+    for name, value in sorted(metrics.items()):
         typer.echo(f"{name:>24s}  {value:.4f}")
 
 

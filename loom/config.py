@@ -59,6 +59,11 @@ class RoundParams:
     lr: float = 3e-3
     seed: int = 0
     promote_metric: str = "miou"
+    clicker_preset: str = "default"  # default | tiny: the click model annotators' key points run through
+    clicker_fine_tune_steps: int = 300  # per-round fine-tuning of the clicker on the round's human masks
+    augment: str = "defect_gen"  # none | copy_paste | defect_gen: synthetic defects for the student
+    augment_preset: str = "auto"  # defect_gen preset: auto (full on a GPU, else cpu) | cpu | full | tiny
+    synthetic_per_round: int = 40  # synthetic image + mask pairs per round, most for the rarest class
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ class Settings:
     classes: tuple[str, ...] = DEFAULT_CLASSES
     project_title: str = "Loom fabric inspection"
     registered_model: str = "loom-student"
+    registered_clicker: str = "loom-clicker"
     ports: Ports = field(default_factory=Ports)
     round: RoundParams = field(default_factory=RoundParams)
 
@@ -90,6 +96,11 @@ class Settings:
     @property
     def pseudo_dir(self) -> Path:
         return self.data_dir / "pseudo"
+
+    @property
+    def synthetic_dir(self) -> Path:
+        """Generated defect image + mask pairs (DVC-tracked with the round that made them)."""
+        return self.data_dir / "synthetic"
 
     @property
     def quarantine_dir(self) -> Path:
@@ -116,6 +127,16 @@ class Settings:
         """Trained student checkpoints (config + safetensors), one folder per round."""
         return self.stack_dir / "models"
 
+    @property
+    def clicker_dir(self) -> Path:
+        """The click model: pre-trained cache, per-round fine-tunes, the champion pointer."""
+        return self.stack_dir / "clicker"
+
+    @property
+    def backend_dir(self) -> Path:
+        """The ML backend's own records (interactions with annotators, webhook events)."""
+        return self.stack_dir / "backend"
+
     def round_dir(self, round_no: int) -> Path:
         return self.rounds_dir / f"{round_no:04d}"
 
@@ -140,6 +161,19 @@ class Settings:
     @property
     def mlflow_ui_url(self) -> str:
         return f"http://{self.ports.host}:{self.ports.mlflow}"
+
+    @property
+    def backend_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.backend}"
+
+    @property
+    def backend_user(self) -> str:
+        """Basic-auth user Label Studio sends to the ML backend."""
+        return os.environ.get("LOOM_BACKEND_USER", "loom")
+
+    @property
+    def backend_password(self) -> str:
+        return os.environ.get("LOOM_BACKEND_PASSWORD") or workspace_secret(self, "LOOM_BACKEND_PASSWORD")
 
     @property
     def label_studio_admin(self) -> str:
@@ -177,7 +211,10 @@ def workspace_secret(settings: Settings, key: str) -> str:
     if key not in values:
         values[key] = secrets.token_hex(20)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        # Created 0600 from the first byte: never readable by others, not even between write and chmod.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{k}={v}\n" for k, v in values.items()))
         path.chmod(0o600)
     return values[key]
 

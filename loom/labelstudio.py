@@ -3,11 +3,16 @@
 Masks travel as Label Studio brush results in its RLE format. A class-index mask (H, W) uint8 with
 0 = background and k = ``classes[k - 1]`` becomes one ``brushlabels`` result per class present; pulling
 annotations back reverses that exactly. Images are served to the annotators from the workspace through
-Label Studio's local-files storage (the server's document root is the workspace).
+Label Studio's local-files storage whose document root is the images folder alone: nothing else of the
+workspace (secrets, server databases, masks) can be reached through Label Studio.
+
+The Defect-Click ML backend (``loom backend``) is connected to the project as an interactive model with
+basic auth, and a project webhook sends annotation events to it.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import uuid
@@ -162,9 +167,80 @@ def _ensure_local_storage(settings: Settings, client: LabelStudio, project_id: i
     logger.info("Added local-files storage %s to project %d", images_dir, project_id)
 
 
+ML_BACKEND_TITLE = "Loom Defect-Click"
+#: Annotation events the project's webhook sends to the ML backend.
+WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
+
+
+def connect_ml_backend(settings: Settings, project_id: int, client: LabelStudio | None = None) -> int:
+    """Id of the project's interactive ML backend at ``settings.backend_url``, added (or its credentials
+    refreshed) if needed, plus a webhook that sends annotation events to it. Calling it again changes nothing.
+
+    Raises:
+        LabelStudioError: Label Studio refuses the backend (it checks ``/health`` and ``/setup`` on add).
+    """
+    client = client or connect(settings)
+    auth = {
+        "auth_method": "BASIC_AUTH",
+        "basic_auth_user": settings.backend_user,
+        "basic_auth_pass": settings.backend_password,
+    }
+    try:
+        found = [
+            b for b in client.ml.list(project=project_id) if (b.url or "").rstrip("/") == settings.backend_url
+        ]
+        if found:
+            backend = client.ml.update(found[0].id, is_interactive=True, **auth)
+        else:
+            backend = client.ml.create(
+                project=project_id,
+                url=settings.backend_url,
+                title=ML_BACKEND_TITLE,
+                is_interactive=True,
+                timeout=30,
+                **auth,
+            )
+            logger.info("Connected ML backend %s to project %d", settings.backend_url, project_id)
+        _ensure_webhook(settings, client, project_id)
+    except ApiError as exc:
+        raise LabelStudioError(
+            f"Label Studio at {settings.label_studio_url} refused the ML backend {settings.backend_url} "
+            f"(HTTP {exc.status_code}: {str(exc.body)[:300]}). Is `loom backend` up (`loom status`)?"
+        ) from exc
+    return int(backend.id)
+
+
+def _ensure_webhook(settings: Settings, client: LabelStudio, project_id: int) -> None:
+    url = f"{settings.backend_url}/webhook"
+    if any((w.url or "") == url for w in client.webhooks.list(project=project_id)):
+        return
+    client.webhooks.create(
+        project=project_id,
+        url=url,
+        send_payload=True,
+        send_for_all_actions=False,
+        actions=list(WEBHOOK_ACTIONS),
+        headers={"Authorization": _basic_auth_header(settings)},
+    )
+
+
+def _basic_auth_header(settings: Settings) -> str:
+    pair = f"{settings.backend_user}:{settings.backend_password}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
+
+
+def ml_backend_id(settings: Settings, project_id: int, client: LabelStudio | None = None) -> int | None:
+    """Id of the project's interactive backend at ``settings.backend_url``, or None when not connected."""
+    client = client or connect(settings)
+    for backend in client.ml.list(project=project_id):
+        if (backend.url or "").rstrip("/") == settings.backend_url and backend.is_interactive:
+            return int(backend.id)
+    return None
+
+
 def image_url(settings: Settings, image_id: str) -> str:
-    """The task's image URL, relative to the server's document root (the workspace)."""
-    rel = (settings.images_dir / f"{image_id}.png").resolve().relative_to(settings.workspace.resolve())
+    """The task's image URL, relative to the server's document root (the images folder)."""
+    rel = (settings.images_dir / f"{image_id}.png").resolve().relative_to(settings.images_dir.resolve())
     return f"/data/local-files/?d={rel.as_posix()}"
 
 
@@ -177,14 +253,25 @@ def task_url(settings: Settings, project_id: int, task_id: int | None = None) ->
 # ---- masks <-> brush results -------------------------------------------------------------------
 
 
+#: Result ids of the pre-annotations Loom sends start with this, the ML backend's answers with "loom-":
+#: a region with neither was drawn by hand.
+PREANNOTATION_ID_PREFIX = "pre-"
+CLICKER_ID_PREFIX = "loom-"
+
+
 def mask_to_results(
-    mask: np.ndarray, classes: Sequence[str], from_name: str = "mask", to_name: str = "image"
+    mask: np.ndarray,
+    classes: Sequence[str],
+    from_name: str = "mask",
+    to_name: str = "image",
+    id_prefix: str = "",
 ) -> list[dict[str, Any]]:
     """Brush results for a class-index mask.
 
     Args:
         mask: (H, W) integer mask, 0 = background, k = ``classes[k - 1]``.
         classes: the project's class names.
+        id_prefix: put before each result's random id (says where the region came from).
 
     Returns:
         One ``brushlabels`` result (RLE) per class present, in class order; empty for an all-background mask.
@@ -201,7 +288,7 @@ def mask_to_results(
         binary = np.where(mask == class_id, 255, 0).astype(np.uint8)
         results.append(
             {
-                "id": uuid.uuid4().hex[:10],
+                "id": id_prefix + uuid.uuid4().hex[:10],
                 "type": "brushlabels",
                 "from_name": from_name,
                 "to_name": to_name,
@@ -251,12 +338,12 @@ def results_to_mask(
             )
         if value.get("format", "rle") != "rle":
             raise MalformedAnnotation(f"result {index}: brush format {value.get('format')!r} is not 'rle'")
-        region = _decode_region(value.get("rle"), height, width, index)
+        region = decode_region(value.get("rle"), height, width, index)
         mask[region] = classes.index(labels[0]) + 1
     return mask
 
 
-def _decode_region(rle: Any, height: int, width: int, index: int) -> np.ndarray:
+def decode_region(rle: Any, height: int, width: int, index: int) -> np.ndarray:
     """Boolean (height, width) region of one brush RLE, validated before decoding."""
     if not isinstance(rle, list) or not rle or not all(isinstance(b, int) and 0 <= b <= 255 for b in rle):
         raise MalformedAnnotation(f"result {index}: RLE must be a non-empty list of byte values")
@@ -276,7 +363,10 @@ def _decode_region(rle: Any, height: int, width: int, index: int) -> np.ndarray:
 
 @dataclass
 class TaskItem:
-    """One image to review: the teacher's mask (H, W) uint8 class ids, its score and provenance."""
+    """One image to review: the teacher's mask (H, W) uint8 class ids, its score and provenance.
+
+    ``score``: probability in [0, 1] that the image is defective (Label Studio shows it as a percentage).
+    """
 
     image_id: str
     mask: np.ndarray
@@ -328,6 +418,8 @@ def push_tasks(
 
 
 def _task_payload(settings: Settings, item: TaskItem) -> dict[str, Any]:
+    if not 0.0 <= item.score <= 1.0:  # Label Studio shows the score as a percentage
+        raise ValueError(f"pre-annotation score of {item.image_id} must be a probability, got {item.score}")
     return {
         "data": {
             "image": image_url(settings, item.image_id),
@@ -338,10 +430,84 @@ def _task_payload(settings: Settings, item: TaskItem) -> dict[str, Any]:
             {
                 "model_version": item.model_version,
                 "score": float(item.score),
-                "result": mask_to_results(item.mask, settings.classes),
+                "result": mask_to_results(item.mask, settings.classes, id_prefix=PREANNOTATION_ID_PREFIX),
             }
         ],
     }
+
+
+# ---- interactive (smart) key points ------------------------------------------------------------------
+
+
+def keypoint_result(
+    x: float,
+    y: float,
+    width: int,
+    height: int,
+    label: str,
+    is_positive: bool = True,
+    from_name: str = "click",
+    to_name: str = "image",
+) -> dict[str, Any]:
+    """A smart key point as the labeling UI serialises it (percent coordinates, ``is_positive``).
+
+    Args:
+        x, y: the click in image pixels (column, row).
+        width, height: the image's size in pixels.
+        label: the class the annotator picked on the key point tool.
+    """
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "type": "keypointlabels",
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "is_positive": bool(is_positive),
+        "value": {
+            "x": 100.0 * x / width,
+            "y": 100.0 * y / height,
+            "width": 0.5,
+            "keypointlabels": [label],
+            "labels": [label],
+        },
+    }
+
+
+def interactive_annotate(
+    settings: Settings,
+    session: requests.Session,
+    token: str,
+    ml_backend: int,
+    task_id: int,
+    keypoints: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Ask Label Studio for an interactive pre-annotation, the request the labeling UI sends on a smart click.
+
+    Label Studio forwards it to the project's interactive ML backend and answers with that backend's
+    prediction (``{"result": [...], "score": ..., "model_version": ...}``).
+
+    Raises:
+        LabelStudioError: Label Studio or the backend reported an error.
+    """
+    url = f"{settings.label_studio_url}/api/ml/{ml_backend}/interactive-annotating"
+    try:
+        response = session.post(
+            url,
+            json={"task": task_id, "context": {"result": list(keypoints)}},
+            headers={"Authorization": f"Token {token}"},
+            timeout=_HTTP_TIMEOUT_S,
+        )
+    except requests.RequestException as exc:
+        raise LabelStudioError(f"Label Studio at {settings.label_studio_url} is unreachable: {exc}") from exc
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+    if response.status_code != 200 or body.get("errors") or "data" not in body:
+        raise LabelStudioError(
+            f"interactive request for task {task_id} failed (HTTP {response.status_code}): "
+            f"{body.get('errors') or response.text[:300]}"
+        )
+    return body["data"]
 
 
 # ---- annotations back --------------------------------------------------------------------------
@@ -358,6 +524,18 @@ class PulledAnnotation:
     completed_by: int | None
     updated_at: str | None
     lead_time: float | None
+    hand_drawn: int = 0  # brush regions neither Loom's pre-annotation nor the ML backend's answer
+
+
+def hand_drawn_regions(results: Sequence[Mapping[str, Any]]) -> int:
+    """Brush regions whose id says neither Loom's pre-annotation nor the click model made them."""
+    return sum(
+        1
+        for r in results
+        if isinstance(r, Mapping)
+        and r.get("type") == "brushlabels"
+        and not str(r.get("id", "")).startswith((PREANNOTATION_ID_PREFIX, CLICKER_ID_PREFIX))
+    )
 
 
 def _field(obj: Any, name: str) -> Any:
@@ -415,6 +593,7 @@ def pull_annotations(
                 completed_by=_user_id(annotation.completed_by),
                 updated_at=updated.isoformat() if hasattr(updated, "isoformat") else updated,
                 lead_time=annotation.lead_time,
+                hand_drawn=hand_drawn_regions(annotation.result or []),
             )
         )
     return pulled, errors
@@ -501,12 +680,16 @@ __all__ = [
     "PulledAnnotation",
     "TaskItem",
     "connect",
+    "connect_ml_backend",
     "ensure_project",
     "image_url",
+    "interactive_annotate",
     "invite_annotator",
+    "keypoint_result",
     "label_config",
     "latest_annotation",
     "mask_to_results",
+    "ml_backend_id",
     "pull_annotations",
     "push_tasks",
     "results_to_mask",

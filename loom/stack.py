@@ -1,4 +1,5 @@
-"""The local stack: Label Studio, Prefect (server + process work pool + worker) and the MLflow UI.
+"""The local stack: Label Studio, Prefect (server + process work pool + worker), the MLflow UI and
+Loom's Label Studio ML backend (Defect-Click, ``loom backend``).
 
 Every server runs on ``settings.ports.host`` (loopback) with all of its state under ``settings.stack_dir``:
 
@@ -7,6 +8,7 @@ stack/
   labelstudio/   LABEL_STUDIO_BASE_DATA_DIR (sqlite, media)
   prefect/       PREFECT_HOME (sqlite, profiles, result storage)
   mlflow/        mlflow.db + artifacts/ (Loom logs to the sqlite URI directly; the server is only the UI)
+  backend/       the ML backend's records (interactions.jsonl, webhook events)
   pids/<name>.pid   "<pid>\\n<process start time>\\n" of the process-group leader
   logs/<name>.log   stdout + stderr, appended across starts
 ```
@@ -36,7 +38,7 @@ from loom.config import PROJECT_ROOT, Settings
 logger = logging.getLogger(__name__)
 
 #: Services ``up`` knows; "prefect" brings its worker along.
-SERVICES: tuple[str, ...] = ("labelstudio", "prefect", "mlflow")
+SERVICES: tuple[str, ...] = ("labelstudio", "prefect", "mlflow", "backend")
 #: The Prefect work pool the worker polls and prefect.yaml deploys to.
 WORK_POOL = "loom-process"
 WORKER = "prefect-worker"
@@ -49,6 +51,7 @@ _PORT_KNOBS = {
     "labelstudio": ("label_studio", "LOOM_LS_PORT"),
     "prefect": ("prefect", "LOOM_PREFECT_PORT"),
     "mlflow": ("mlflow", "LOOM_MLFLOW_PORT"),
+    "backend": ("backend", "LOOM_BACKEND_PORT"),
 }
 # Popen objects of servers this interpreter started: polling them reaps exited children (no zombies).
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -157,9 +160,10 @@ def _labelstudio_launch(settings: Settings) -> _Launch:
         # Without the legacy token the bootstrapped token gets 401.
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        # Task data "/data/local-files/?d=data/images/<id>.png" resolves against the workspace.
+        # Task data "/data/local-files/?d=<id>.png" resolves against the images folder, and only there:
+        # the rest of the workspace (secrets, databases) is out of any storage's reach.
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.workspace),
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.images_dir),
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
         # Empty DSNs switch off error reports to Label Studio's Sentry (they would carry request data).
@@ -203,6 +207,14 @@ def _mlflow_launch(settings: Settings) -> _Launch:
     return _Launch(argv, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_dir)
 
 
+def _backend_launch(settings: Settings) -> _Launch:
+    # The backend starts Prefect deployment runs (clicker fine-tuning) and reads the workspace's models.
+    env = {**prefect_env(settings), **loom_env(settings)}
+    argv = [str(_venv_bin("loom")), "backend", "--workspace", str(settings.workspace)]
+    argv += ["--host", settings.ports.host, "--port", str(settings.ports.backend)]
+    return _Launch(argv, env, settings.backend_dir)
+
+
 # ---- health checks -----------------------------------------------------------------------------------
 
 
@@ -228,6 +240,11 @@ def _mlflow_healthy(settings: Settings) -> bool:
         return requests.get(f"{settings.mlflow_ui_url}/health", timeout=_HTTP_TIMEOUT_S).ok
     except requests.RequestException:
         return False
+
+
+def _backend_healthy(settings: Settings) -> bool:
+    body = _get_json(f"{settings.backend_url}/health")
+    return isinstance(body, dict) and body.get("status") == "UP"
 
 
 def _worker_healthy(settings: Settings) -> bool:
@@ -288,6 +305,7 @@ _PROCESSES: dict[str, _Process] = {
             lambda s: f"http://{s.ports.host}:{s.ports.prefect}/work-pools/work-pool/{WORK_POOL}",
         ),
         _Process("mlflow", "mlflow", "mlflow", _mlflow_launch, _mlflow_healthy, lambda s: s.mlflow_ui_url),
+        _Process("backend", "backend", "backend", _backend_launch, _backend_healthy, lambda s: s.backend_url),
     )
 }
 
@@ -489,6 +507,36 @@ def _register_deployments(settings: Settings) -> None:
     _run_prefect_cli(settings, ["deploy", "--all"], "deploying prefect.yaml")
 
 
+def connect_backend(settings: Settings) -> tuple[int, int]:
+    """Connect the ML backend to the workspace's Label Studio project (created if missing) as its
+    interactive model; returns (project id, ML backend id)."""
+    from loom import labelstudio
+
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        project_id = labelstudio.ensure_project(settings)
+        return project_id, labelstudio.connect_ml_backend(settings, project_id)
+    except labelstudio.LabelStudioError as err:
+        raise StackError(f"backend: could not connect it to Label Studio: {err}") from err
+
+
+def backend_connection(settings: Settings) -> str:
+    """One line for `loom status`: which Label Studio project the backend serves, or why none."""
+    from loom import labelstudio
+
+    try:
+        client = labelstudio.connect(settings)
+        projects = [p for p in client.projects.list() if p.title == settings.project_title]
+        if not projects:
+            return f"backend: no Label Studio project {settings.project_title!r} yet (`loom up` creates it)"
+        backend_id = labelstudio.ml_backend_id(settings, int(projects[0].id), client)
+    except labelstudio.LabelStudioError as err:
+        return f"backend: Label Studio not reachable ({err})"
+    if backend_id is None:
+        return f"backend: not connected to project {projects[0].id} (`loom up` connects it)"
+    return f"backend: connected to Label Studio project {projects[0].id} as interactive model {backend_id}"
+
+
 # ---- up / down / status ------------------------------------------------------------------------------
 
 
@@ -569,7 +617,7 @@ def up(
     unknown = set(services) - set(SERVICES)
     if unknown:
         raise StackError(f"unknown services {sorted(unknown)}; choose from {list(SERVICES)}")
-    for sub in ("labelstudio", "prefect", "mlflow/artifacts", "pids", "logs"):
+    for sub in ("labelstudio", "prefect", "mlflow/artifacts", "backend", "pids", "logs"):
         (settings.stack_dir / sub).mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     servers = [_PROCESSES[name] for name in SERVICES if name in services]
@@ -587,6 +635,8 @@ def up(
         _wait_healthy(settings, waiting, started, "prefect" in services, deadline, timeout_s)
         if "labelstudio" in services:
             _verify_label_studio_token(settings)
+        if "labelstudio" in services and "backend" in services:
+            connect_backend(settings)
         if deploy:
             _register_deployments(settings)
     except BaseException:

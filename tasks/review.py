@@ -11,8 +11,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loom import labelstudio, manifest
+from loom.backend import read_interactions
 from loom.config import Settings
 from loom.imageio import read_mask, write_mask
+from models.teacher.types import anomaly_probability
 from tasks.common import (
     StepClock,
     class_names,
@@ -40,6 +42,18 @@ class ReviewOutcome:
     export: list[dict] = field(default_factory=list)  # who annotated what, when: kept in the round record
     task_ids: dict[str, int] = field(default_factory=dict)
     skipped: str = ""  # why there was no review this round (Label Studio unreachable), else empty
+    clicks: dict[str, int] = field(default_factory=dict)  # image_id -> smart key points, new reviews
+    painted: dict[str, int] = field(default_factory=dict)  # image_id -> regions drawn by hand, new reviews
+
+    def click_counts(self) -> dict[str, float | int]:
+        """Clicks per reviewed image and how many images needed painting, for the round record."""
+        reviewed = len(self.clicks)
+        return {
+            "clicks": int(sum(self.clicks.values())),
+            "clicks_per_reviewed": float(np.mean(list(self.clicks.values()))) if reviewed else 0.0,
+            "painted_images": int(sum(1 for n in self.painted.values() if n > 0)),
+            "painted_regions": int(sum(self.painted.values())),
+        }
 
 
 def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
@@ -83,6 +97,11 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     return sel
 
 
+def defect_probability(score: float, image_threshold: float) -> float:
+    """The teacher's raw image score as a probability that the image is defective, 0.5 at its threshold."""
+    return float(anomaly_probability(np.array([score], dtype=np.float32), image_threshold)[0])
+
+
 @task(name="push-to-label-studio", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def push_for_review(
     settings: Settings, labels: PseudoLabels, selection: Selection
@@ -99,7 +118,7 @@ def push_for_review(
             labelstudio.TaskItem(
                 image_id=image_id,
                 mask=mask,
-                score=float(row["score"]),
+                score=defect_probability(float(row["score"]), labels.image_threshold),
                 model_version=labels.model_version,
                 round_no=labels.round_no,
             )
@@ -141,7 +160,11 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     sizes = {r.image_id: (int(r.height), int(r.width)) for r in usable.itertuples()}
     pulled, malformed = labelstudio.pull_annotations(settings, project_id, sizes)
     already = set(df.loc[df["review_state"] == "reviewed", "image_id"])
-    new_reviews = sum(ann.image_id not in already for ann in pulled)
+    new = [ann for ann in pulled if ann.image_id not in already]
+    # Key points the ML backend answered for these tasks (its own record of every interactive request).
+    keypoints: dict[int, int] = {}
+    for row in read_interactions(settings, {ann.task_id for ann in new}):
+        keypoints[row["task"]] = keypoints.get(row["task"], 0) + int(row.get("new_keypoints", 1))
     for ann in pulled:
         mask = ann.mask.astype(np.uint8)
         # Earlier rounds' annotations come back every round: rewrite only the masks people changed.
@@ -176,11 +199,18 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
             "completed_by": a.completed_by,
             "updated_at": str(a.updated_at),
             "lead_time": a.lead_time,
+            "hand_drawn": a.hand_drawn,
         }
         for a in pulled
     ]
     return ReviewOutcome(
-        project_id, reviewed=new_reviews, pending=pending, malformed=malformed, export=export
+        project_id,
+        reviewed=len(new),
+        pending=pending,
+        malformed=malformed,
+        export=export,
+        clicks={a.image_id: keypoints.get(a.task_id, 0) for a in new},
+        painted={a.image_id: a.hand_drawn for a in new},
     )
 
 

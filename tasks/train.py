@@ -18,13 +18,21 @@ from prefect.cache_policies import NO_CACHE
 
 from loom import manifest
 from loom.config import Settings
+from loom.datasets.folder import load_labeled_folder
 from loom.imageio import read_mask
 from loom.metrics import evaluate_segmentation
 from loom.plots import per_class_bars
 from loom.predict import overlay
 from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
 from models.student.fpn import IGNORE_INDEX
-from models.student.registry import build_loss, build_student, is_anomaly_scorer, load_student, student_class
+from models.student.registry import (
+    LOSSES,
+    build_loss,
+    build_student,
+    is_anomaly_scorer,
+    load_student,
+    student_class,
+)
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
 from models.teacher.types import anomaly_probability
 from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
@@ -62,6 +70,7 @@ def training_samples(
     train = df[df["split"] == "train"]
     human = train[train["label_source"] == "human"]
     pseudo = train[(train["label_source"] == "pseudo") & (train["review_state"] == "auto_accepted")]
+    synthetic = train[train["label_source"] == "synthetic"]
     n_classes = len(settings.classes)
     defect_id = settings.class_index("defect")
     samples = []
@@ -82,7 +91,17 @@ def training_samples(
             raw = np.load(settings.pseudo_dir / f"round-{round_no:04d}" / "maps" / f"{row['image_id']}.npy")
             sample = (*sample, anomaly_probability(raw, teacher_threshold))
         samples.append(sample)
+    for _, row in synthetic.iterrows():
+        hw = (int(row["height"]), int(row["width"]))
+        mask = read_mask(synthetic_mask_path(settings, row["path"]), n_classes, hw)
+        samples.append((image_of(settings, row), mask, SOURCE_WEIGHTS["synthetic"]))
     return samples, len(human), len(pseudo)
+
+
+def synthetic_mask_path(settings: Settings, image_path: str) -> Path:
+    """The class mask beside a synthetic image: ``synthetic/.../images/X.png`` -> ``.../masks/X.png``."""
+    path = settings.data_dir / image_path
+    return path.parent.parent / "masks" / path.name
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -90,18 +109,33 @@ def train_student(
     settings: Settings, round_no: int, name: str | None = None, teacher_threshold: float | None = None
 ) -> TrainedStudent:
     """Train student `name` (default: the first of `round.students`) and save it under models/."""
-    log = task_logger()
-    rp = settings.round
-    name = name or rp.students[0]
-    overrides = {"image_size": rp.image_size}
-    if "defect_index" in {f.name for f in fields(student_class(name).config_class)}:
-        overrides["defect_index"] = settings.class_index("defect")  # anomaly scorers mark `defect` pixels
-    model = build_student(name, len(settings.classes), **overrides)
-    loss_fn = build_loss(name, model)
-    distils = getattr(loss_fn, "distills", False)
+    name = name or settings.round.students[0]
+    distils = getattr(LOSSES[name], "distills", False)  # a ClassVar: no model needs building to know
     samples, n_human, n_pseudo = training_samples(settings, round_no, teacher_threshold if distils else None)
     if not samples:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
+    model_dir = settings.models_dir / f"round-{round_no:04d}" / name
+    student = fit_student(settings, name, samples, model_dir, {"round": round_no})
+    student.n_human, student.n_pseudo = n_human, n_pseudo
+    task_logger().info("%s trained on %d human + %d pseudo masks", name, n_human, n_pseudo)
+    return student
+
+
+def _build(settings: Settings, name: str):
+    overrides = {"image_size": settings.round.image_size}
+    if "defect_index" in {f.name for f in fields(student_class(name).config_class)}:
+        overrides["defect_index"] = settings.class_index("defect")  # anomaly scorers mark `defect` pixels
+    return build_student(name, len(settings.classes), **overrides)
+
+
+def fit_student(
+    settings: Settings, name: str, samples: list, model_dir: Path, metadata: dict | None = None
+) -> TrainedStudent:
+    """Train student `name` on (image, mask, weight[, teacher map]) samples and save it to `model_dir`."""
+    log = task_logger()
+    rp = settings.round
+    model = _build(settings, name)
+    loss_fn = build_loss(name, model)
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
     on_epoch = lambda epoch, h: log.info("%s epoch %d: %s", name, epoch, h)  # noqa: E731
     start = time.perf_counter()
@@ -117,12 +151,17 @@ def train_student(
         )
         history = train_anomaly_model(model, loss_fn, samples, config, on_epoch=on_epoch)
     seconds = time.perf_counter() - start
-    model_dir = settings.models_dir / f"round-{round_no:04d}" / name
     model.save_pretrained(
-        model_dir, metadata={"classes": list(settings.classes), "round": round_no, "student": name}
+        model_dir, metadata={"classes": list(settings.classes), "student": name, **(metadata or {})}
     )
-    log.info("%s trained on %d human + %d pseudo masks in %.1f s", name, n_human, n_pseudo, seconds)
-    return TrainedStudent(name, str(model_dir), n_human, n_pseudo, seconds, history)
+    log.info("%s trained on %d samples in %.1f s, saved to %s", name, len(samples), seconds, model_dir)
+    return TrainedStudent(name, str(model_dir), len(samples), 0, seconds, history)
+
+
+def folder_samples(settings: Settings, data: Path) -> list:
+    """(image, mask, weight) for the train images of a folder dataset (all of a plain folder's images)."""
+    items = load_labeled_folder(data, settings.classes, split="train")
+    return [(item.image, item.mask, SOURCE_WEIGHTS["human"]) for item in items]
 
 
 @task(name="evaluate-student", cache_policy=NO_CACHE)
@@ -139,7 +178,20 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
         hw = (int(row["height"]), int(row["width"]))
         images.append(image_of(settings, row))
         masks.append(human_mask_of(settings, row["image_id"], hw))
-    model = load_student(Path(student.model_dir))
+    names = [f"test_{image_id[:12]}" for image_id in test["image_id"]]
+    return evaluate_on(settings, Path(student.model_dir), images, masks, names, n_overlays)
+
+
+def evaluate_on(
+    settings: Settings,
+    model_dir: Path,
+    images: list[np.ndarray],
+    masks: list[np.ndarray],
+    names: list[str] | None = None,
+    n_overlays: int = 6,
+) -> Evaluation:
+    """Metrics of the student in `model_dir` on images with class masks, plus a few overlays."""
+    model = load_student(model_dir)
     start = time.perf_counter()
     outputs = predict_images(model, images)
     seconds = time.perf_counter() - start
@@ -149,9 +201,10 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
     metrics = evaluate_segmentation(maps, preds, masks, scores, settings.classes)
     metrics["eval_images_per_s"] = len(images) / max(seconds, 1e-9)
 
+    names = names or [f"image_{i:04d}" for i in range(len(images))]
     defective = [i for i, m in enumerate(masks) if m.any()][:n_overlays]
     overlays = {
-        f"test_{test.iloc[i]['image_id'][:12]}": np.concatenate(
+        names[i]: np.concatenate(
             [overlay(images[i], masks[i], settings.classes), overlay(images[i], preds[i], settings.classes)],
             axis=1,
         )
