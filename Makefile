@@ -4,6 +4,7 @@ VENV := .venv
 VENV_LS := .venv-ls
 STAMP := $(VENV)/.installed
 STAMP_LS := $(VENV_LS)/.installed
+STAMP_BROWSER := $(VENV)/.browser
 LS_VERSION := 1.23.2
 
 .PHONY: setup demo test test-unit test-integration test-e2e lint format bench bench-setup clean
@@ -24,10 +25,20 @@ $(STAMP_LS):
 	$(VENV_LS)/bin/pip install -q "label-studio==$(LS_VERSION)"
 	@touch $@
 
+# The real-browser test drives Debian's chromium + chromedriver (installed here when running as root, as CI does).
+$(STAMP_BROWSER): $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "the browser test needs Debian's chromium and chromium-driver:"; \
+	    echo "  sudo apt-get install -y chromium chromium-driver"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+	@touch $@
+
 demo: setup
 	$(VENV)/bin/loom demo
 
-test: setup
+test: setup $(STAMP_BROWSER)
 	$(VENV)/bin/python -m pytest -q tests/unit
 	$(VENV)/bin/python -m pytest -q tests/integration tests/e2e
 

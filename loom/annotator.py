@@ -209,7 +209,7 @@ class SimulatedAnnotator:
         self, task_id: int, truth: np.ndarray, pred: np.ndarray
     ) -> tuple[list[dict[str, Any]], int, int]:
         """Correct every object of ``truth`` by smart key points; returns (results, clicks, painted)."""
-        from models.clicker.noc import next_click
+        from models.clicker import error_click
 
         assert self.policy is not None
         height, width = truth.shape
@@ -225,7 +225,7 @@ class SimulatedAnnotator:
             region_id = None
             spent = 0
             while _iou(current, obj) < self.policy.target_iou and spent < self.policy.max_clicks:
-                click = next_click(current, obj)
+                click = error_click(obj, current)
                 point = keypoint_result(click.x, click.y, width, height, name, click.is_positive)
                 answer = interactive_annotate(
                     self.settings, self._http, self.token, self.policy.ml_backend, task_id, [point]

@@ -27,6 +27,7 @@ number, latency): the round reads clicks per reviewed image from it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -50,7 +51,13 @@ from scipy import ndimage
 from starlette.concurrency import run_in_threadpool
 
 from loom.config import Settings
-from loom.labelstudio import CLICKER_ID_PREFIX, MalformedAnnotation, decode_region, mask_to_results
+from loom.labelstudio import (
+    CLICKER_ID_PREFIX,
+    SERVED_IMAGES,
+    MalformedAnnotation,
+    decode_region,
+    mask_to_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +130,8 @@ class ImageStore:
                     400, f"task image {url!r} is not a local file of the workspace; only those are served"
                 )
             name = unquote(parse_qs(parsed.query).get("d", [""])[0])
+            served = Path(name).parts
+            name = str(Path(*served[1:])) if len(served) > 1 and served[0] == SERVED_IMAGES else name
         if not name or ".." in Path(name).parts or not all(_SAFE_NAME.match(p) for p in Path(name).parts):
             raise BackendError(400, f"task image {name!r} is not a file name inside the images folder")
         path = (self.root / name).resolve()
@@ -218,7 +227,7 @@ class ClickerHolder:
 
     def get(self) -> tuple[Any, str]:
         """(ClickPredictor, model_version) for the current clicker."""
-        from models.clicker import ClickPredictor, load_clicker
+        from models.clicker import ClickPredictor, ClickSegmenter
 
         reference = self._reference()
         if reference is None:
@@ -227,7 +236,7 @@ class ClickerHolder:
         with self._lock:
             if self._key != (str(model_dir), mtime):
                 logger.info("loading clicker %s from %s", version, model_dir)
-                self._predictor = ClickPredictor(load_clicker(model_dir))
+                self._predictor = ClickPredictor(ClickSegmenter.from_pretrained(model_dir))
                 self._key, self.version = (str(model_dir), mtime), version
             return self._predictor, self.version
 
@@ -291,7 +300,7 @@ class Sessions:
 class KeyPoint:
     id: str
     label: str
-    y: float  # pixels of the image
+    y: float  # pixel coordinates of the image, pixel centres at integers
     x: float
     is_positive: bool
 
@@ -320,8 +329,9 @@ def parse_keypoints(results: Any, height: int, width: int, labels: tuple[str, ..
             KeyPoint(
                 id=str(result.get("id") or uuid.uuid4().hex[:10]),
                 label=names[0],
-                y=min(py / 100.0 * height, height - 0.5),
-                x=min(px / 100.0 * width, width - 0.5),
+                # Percent of the image -> pixel coordinates with pixel centres at integers.
+                y=float(np.clip(py / 100.0 * height - 0.5, 0.0, height - 1.0)),
+                x=float(np.clip(px / 100.0 * width - 0.5, 0.0, width - 1.0)),
                 is_positive=bool(result.get("is_positive", True)),
             )
         )
@@ -432,6 +442,7 @@ class Backend:
                 "positive": clicks[-1].is_positive,
                 "encoded": bool(answer.encoded),
                 "ms": round(latency_ms, 2),
+                "mask_sha1": mask_digest(region),
                 "model_version": version,
             },
         )
@@ -617,6 +628,13 @@ def serve(settings: Settings, host: str, port: int) -> None:
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
 
 
+def mask_digest(mask: np.ndarray) -> str:
+    """A short digest of a boolean mask (shape and pixels): ties a stored region to its answer."""
+
+    bits = np.packbits(np.asarray(mask, dtype=bool))
+    return hashlib.sha1(repr(mask.shape).encode() + bits.tobytes()).hexdigest()[:16]
+
+
 def read_interactions(settings: Settings, task_ids: set[int] | None = None) -> list[dict[str, Any]]:
     """The backend's interactive answers (optionally for some tasks), oldest first."""
     path = settings.backend_dir / _INTERACTIONS
@@ -633,4 +651,4 @@ def read_interactions(settings: Settings, task_ids: set[int] | None = None) -> l
     return rows
 
 
-__all__ = ["Backend", "BackendError", "create_app", "read_interactions", "serve"]
+__all__ = ["Backend", "BackendError", "create_app", "mask_digest", "read_interactions", "serve"]

@@ -133,6 +133,12 @@ class Settings:
         return self.stack_dir / "clicker"
 
     @property
+    def label_studio_files_root(self) -> Path:
+        """Label Studio's local-files document root: it holds nothing but the link ``images`` to the images
+        folder, so no storage a Label Studio user adds can reach anything else of the workspace."""
+        return self.stack_dir / "labelstudio-files"
+
+    @property
     def backend_dir(self) -> Path:
         """The ML backend's own records (interactions with annotators, webhook events)."""
         return self.stack_dir / "backend"

@@ -2,7 +2,9 @@
 
 Each round a new batch of "camera" images arrives in ``workspace/incoming/batch-NN``; the first batch
 also carries the frozen, human-verified test split. The simulated annotator (a second Label Studio
-user) corrects the teacher's pre-annotations from the generator's ground truth, as a person would.
+user) corrects the teacher's pre-annotations from the generator's ground truth, as a person with
+Defect-Click would: smart key points through Label Studio to the ML backend, painting only what 20
+clicks cannot fix.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psutil
+import requests
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from loom import labelstudio, stack
-from loom.annotator import SimulatedAnnotator
+from loom.annotator import ClickPolicy, SimulatedAnnotator
 from loom.config import PROJECT_ROOT, Settings, workspace_secret
 from loom.datasets.fabric import generate
 from loom.imageio import read_mask
@@ -82,6 +85,9 @@ def round_row(record: dict[str, Any], seconds: float) -> dict[str, Any]:
         "ingested": c["ingested"],
         "quarantined": c["quarantined"],
         "reviewed": c["reviewed"],
+        "clicks_per_reviewed": c.get("clicks_per_reviewed", float("nan")),
+        "painted_images": c.get("painted_images", 0),
+        "synthetic": c.get("synthetic", 0),
         "auto_accepted": c["auto_accepted"],
         "miou": m.get("miou", float("nan")),
         "pixel_auroc": m.get("pixel_auroc", float("nan")),
@@ -96,6 +102,9 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
         "round",
         "ingested",
         "reviewed",
+        "clicks/image",
+        "painted",
+        "synthetic",
         "auto-accepted",
         "student mIoU",
         "pixel AUROC",
@@ -109,6 +118,9 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
             str(r["round"]),
             str(r["ingested"]),
             str(r["reviewed"]),
+            f"{r['clicks_per_reviewed']:.2f}",
+            str(r["painted_images"]),
+            str(r["synthetic"]),
             str(r["auto_accepted"]),
             f"{r['miou']:.3f}",
             f"{r['pixel_auroc']:.3f}",
@@ -133,6 +145,25 @@ def server_memory_mb(settings: Settings) -> dict[str, float]:
     return out
 
 
+def wait_for_clicker(settings: Settings, console: Console, timeout_s: float = 1200) -> None:
+    """Wait until the ML backend has its click model (it pre-trains one the first time, cached after)."""
+    deadline, said = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            state = requests.get(f"{settings.backend_url}/health", timeout=5).json().get("clicker", "")
+        except (requests.RequestException, ValueError):
+            state = "unreachable"
+        if state == "ready":
+            return
+        if state.startswith("error"):
+            raise RuntimeError(f"the ML backend could not prepare its click model: {state}")
+        if state != said:
+            console.print(f"ML backend: click model {state} ...")
+            said = state
+        time.sleep(2)
+    raise RuntimeError(f"the ML backend's click model was not ready within {timeout_s:.0f} s")
+
+
 def run_demo(
     settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
 ) -> list[dict]:
@@ -148,8 +179,14 @@ def run_demo(
         settings, ANNOTATOR_EMAIL, workspace_secret(settings, "LOOM_DEMO_ANNOTATOR_PASSWORD")
     )
     project_id = labelstudio.ensure_project(settings)
+    ml_backend = labelstudio.ml_backend_id(settings, project_id)
+    wait_for_clicker(settings, console)
     annotator = SimulatedAnnotator(
-        settings, token, GroundTruth(batches, len(settings.classes)), settings.classes
+        settings,
+        token,
+        GroundTruth(batches, len(settings.classes)),
+        settings.classes,
+        clicks=ClickPolicy(ml_backend) if ml_backend is not None else None,
     )
     stop = annotator.run_in_background(project_id)
 

@@ -3,8 +3,9 @@
 Masks travel as Label Studio brush results in its RLE format. A class-index mask (H, W) uint8 with
 0 = background and k = ``classes[k - 1]`` becomes one ``brushlabels`` result per class present; pulling
 annotations back reverses that exactly. Images are served to the annotators from the workspace through
-Label Studio's local-files storage whose document root is the images folder alone: nothing else of the
-workspace (secrets, server databases, masks) can be reached through Label Studio.
+Label Studio's local-files storage. Its document root holds only a link ``images`` to the images folder
+(Label Studio refuses a storage on the document root itself), so nothing else of the workspace (secrets,
+server databases, masks) can be reached through Label Studio, whatever storage a user adds.
 
 The Defect-Click ML backend (``loom backend``) is connected to the project as an interactive model with
 basic auth, and a project webhook sends annotation events to it.
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
 
@@ -150,21 +153,39 @@ def ensure_project(settings: Settings, client: LabelStudio | None = None) -> int
     return int(project.id)
 
 
+#: The link to the images folder inside Label Studio's document root; task URLs name files under it.
+SERVED_IMAGES = "images"
+
+
+def link_images(settings: Settings) -> Path:
+    """Make ``<document root>/images`` a relative link to the workspace's images folder; returns the link."""
+    root = settings.label_studio_files_root
+    root.mkdir(parents=True, exist_ok=True)
+    settings.images_dir.mkdir(parents=True, exist_ok=True)
+    link = root / SERVED_IMAGES
+    target = Path(os.path.relpath(settings.images_dir, root))
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return link
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
 def _ensure_local_storage(settings: Settings, client: LabelStudio, project_id: int) -> None:
     """Label Studio serves a local file only when a storage of the project covers its folder."""
-    images_dir = settings.images_dir.resolve()
+    link = link_images(settings)
     storages = client.import_storage.local.list(project=project_id)
-    if any(s.path and s.path.rstrip("/") == str(images_dir) for s in storages):
+    if any(s.path and s.path.rstrip("/") == str(link) for s in storages):
         return
-    images_dir.mkdir(parents=True, exist_ok=True)
     client.import_storage.local.create(
         project=project_id,
-        path=str(images_dir),
+        path=str(link),
         title=_STORAGE_TITLE,
         use_blob_urls=True,
         regex_filter=r".*\.png$",
     )
-    logger.info("Added local-files storage %s to project %d", images_dir, project_id)
+    logger.info("Added local-files storage %s to project %d", link, project_id)
 
 
 ML_BACKEND_TITLE = "Loom Defect-Click"
@@ -239,9 +260,8 @@ def ml_backend_id(settings: Settings, project_id: int, client: LabelStudio | Non
 
 
 def image_url(settings: Settings, image_id: str) -> str:
-    """The task's image URL, relative to the server's document root (the images folder)."""
-    rel = (settings.images_dir / f"{image_id}.png").resolve().relative_to(settings.images_dir.resolve())
-    return f"/data/local-files/?d={rel.as_posix()}"
+    """The task's image URL, relative to Label Studio's document root (see :func:`link_images`)."""
+    return f"/data/local-files/?d={SERVED_IMAGES}/{image_id}.png"
 
 
 def task_url(settings: Settings, project_id: int, task_id: int | None = None) -> str:
@@ -452,7 +472,7 @@ def keypoint_result(
     """A smart key point as the labeling UI serialises it (percent coordinates, ``is_positive``).
 
     Args:
-        x, y: the click in image pixels (column, row).
+        x, y: the click in image pixels (column, row), pixel centres at integers.
         width, height: the image's size in pixels.
         label: the class the annotator picked on the key point tool.
     """
@@ -466,8 +486,8 @@ def keypoint_result(
         "image_rotation": 0,
         "is_positive": bool(is_positive),
         "value": {
-            "x": 100.0 * x / width,
-            "y": 100.0 * y / height,
+            "x": 100.0 * (x + 0.5) / width,
+            "y": 100.0 * (y + 0.5) / height,
             "width": 0.5,
             "keypointlabels": [label],
             "labels": [label],

@@ -160,10 +160,10 @@ def _labelstudio_launch(settings: Settings) -> _Launch:
         # Without the legacy token the bootstrapped token gets 401.
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-        # Task data "/data/local-files/?d=<id>.png" resolves against the images folder, and only there:
-        # the rest of the workspace (secrets, databases) is out of any storage's reach.
+        # Task data "/data/local-files/?d=images/<id>.png": the document root holds only the link to the
+        # images folder, so the rest of the workspace (secrets, databases) is out of any storage's reach.
         "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.images_dir),
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(settings.label_studio_files_root),
         "LATEST_VERSION_CHECK": "false",
         "COLLECT_ANALYTICS": "false",
         # Empty DSNs switch off error reports to Label Studio's Sentry (they would carry request data).
@@ -172,6 +172,9 @@ def _labelstudio_launch(settings: Settings) -> _Launch:
         # Otherwise the ML backend on 127.0.0.1 is refused as a reserved network.
         "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
     }
+    from loom.labelstudio import link_images
+
+    link_images(settings)
     argv = [str(_label_studio_bin()), "start", "--no-browser"]
     argv += ["--internal-host", settings.ports.host, "--port", str(settings.ports.label_studio)]
     return _Launch(argv, env, data_dir)

@@ -118,6 +118,7 @@ def log_round(
     images: Mapping[str, np.ndarray] | None = None,
     tags: Mapping[str, str] | None = None,
     run_name: str | None = None,
+    registered: str | None = None,
 ) -> RoundRun:
     """Log one round as an MLflow run and register its student as a new model version.
 
@@ -130,12 +131,15 @@ def log_round(
         images: named ``(H, W, 3)`` uint8 pictures (mask overlays), logged as ``overlays/<name>.png``.
         tags: extra run tags.
         run_name: defaults to ``round-NNNN``.
+        registered: the registered model's name (default ``settings.registered_model``, the student;
+            the click model is ``settings.registered_clicker``).
 
     Returns:
         The run id, the registered model version and the experiment id.
     """
     model_dir = Path(model_dir)
     _check_student_dir(model_dir)
+    name = registered or settings.registered_model
     client = _connect(settings)
     experiment_id = _experiment_id(client, settings)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or f"round-{round_no:04d}") as run:
@@ -143,22 +147,22 @@ def log_round(
         if params:
             mlflow.log_params({k: str(v) for k, v in params.items()})
         mlflow.log_metrics(_finite_metrics(metrics))
-        for name, image in (images or {}).items():
-            mlflow.log_image(np.asarray(image), artifact_file=f"overlays/{name}.png")
+        for image_name, image in (images or {}).items():
+            mlflow.log_image(np.asarray(image), artifact_file=f"overlays/{image_name}.png")
         info = mlflow.pyfunc.log_model(
             name=STUDENT_ARTIFACT,
             python_model=StudentArtifact(),
             artifacts={STUDENT_ARTIFACT: str(model_dir)},
             pip_requirements=PIP_REQUIREMENTS,
-            registered_model_name=settings.registered_model,
+            registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    client.set_model_version_tag(settings.registered_model, version, "loom.round", str(round_no))
+    client.set_model_version_tag(name, version, "loom.round", str(round_no))
     logger.info(
         "round %d logged: run %s, %s version %s",
         round_no,
         run.info.run_id,
-        settings.registered_model,
+        name,
         version,
     )
     return RoundRun(run_id=run.info.run_id, model_version=version, experiment_id=experiment_id)
@@ -167,9 +171,9 @@ def log_round(
 # ---- champion ------------------------------------------------------------------------------------------
 
 
-def _champion_version(client: MlflowClient, settings: Settings) -> Any | None:
+def _champion_version(client: MlflowClient, name: str) -> Any | None:
     try:
-        return client.get_model_version_by_alias(settings.registered_model, CHAMPION_ALIAS)
+        return client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     except MlflowException as err:
         # No registered model yet, or no version holds the alias (reported as an invalid parameter).
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") and "not found" in str(
@@ -179,10 +183,10 @@ def _champion_version(client: MlflowClient, settings: Settings) -> Any | None:
         raise
 
 
-def champion(settings: Settings) -> tuple[str, dict[str, float]] | None:
+def champion(settings: Settings, registered: str | None = None) -> tuple[str, dict[str, float]] | None:
     """The version holding the ``champion`` alias and the metrics of the run that logged it; None if none."""
     client = _connect(settings)
-    current = _champion_version(client, settings)
+    current = _champion_version(client, registered or settings.registered_model)
     if current is None:
         return None
     run_metrics = dict(client.get_run(current.run_id).data.metrics) if current.run_id else {}
@@ -195,16 +199,17 @@ def promote_if_better(
     metrics: Mapping[str, float],
     metric: str = "miou",
     higher_is_better: bool = True,
+    registered: str | None = None,
 ) -> bool:
     """Give ``version`` the ``champion`` alias if there is no champion or it strictly beats it on ``metric``.
 
     The decision is recorded on the new version as tags ``promoted`` (true/false) and ``promotion_reason``.
     """
     client = _connect(settings)
-    name = settings.registered_model
+    name = registered or settings.registered_model
     version = str(version)
     new_value = metrics.get(metric)
-    current = _champion_version(client, settings)
+    current = _champion_version(client, name)
     old_value = None
     if current is not None and current.run_id:
         old_value = client.get_run(current.run_id).data.metrics.get(metric)
@@ -234,10 +239,9 @@ def promote_if_better(
 # ---- reading a student back ---------------------------------------------------------------------------
 
 
-def _resolve_version(client: MlflowClient, settings: Settings, ref: str) -> str:
-    name = settings.registered_model
+def _resolve_version(client: MlflowClient, settings: Settings, ref: str, name: str) -> str:
     if ref == CHAMPION_ALIAS:
-        current = _champion_version(client, settings)
+        current = _champion_version(client, name)
         if current is None:
             raise LookupError(
                 f"no champion for model '{name}' in the MLflow registry at {settings.mlflow_tracking_uri}; "
@@ -255,7 +259,9 @@ def _resolve_version(client: MlflowClient, settings: Settings, ref: str) -> str:
     return str(ref)
 
 
-def download_student(settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | None = None) -> Path:
+def download_student(
+    settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | None = None, registered: str | None = None
+) -> Path:
     """Fetch a registered student into a local folder holding ``config.json`` + ``model.safetensors``.
 
     Args:
@@ -268,25 +274,24 @@ def download_student(settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | 
         The student folder inside the downloaded model.
     """
     client = _connect(settings)
-    version = _resolve_version(client, settings, str(ref))
-    model_uri = f"models:/{settings.registered_model}/{version}"
+    name = registered or settings.registered_model
+    version = _resolve_version(client, settings, str(ref), name)
+    model_uri = f"models:/{name}/{version}"
     if dst is not None:
         Path(dst).mkdir(parents=True, exist_ok=True)
         return _student_folder(
-            Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))), settings, version
+            Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst))), name, version
         )
 
-    run_id = client.get_model_version(settings.registered_model, version).run_id or "norun"
-    cache = (
-        settings.stack_dir / "mlflow" / "downloads" / f"{settings.registered_model}-v{version}-{run_id[:12]}"
-    )
+    run_id = client.get_model_version(name, version).run_id or "norun"
+    cache = settings.stack_dir / "mlflow" / "downloads" / f"{name}-v{version}-{run_id[:12]}"
     if cache.is_dir():
-        return _student_folder(cache, settings, version)
+        return _student_folder(cache, name, version)
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
     try:
         mlflow.artifacts.download_artifacts(model_uri, dst_path=str(staging))
-        _student_folder(staging, settings, version)  # check before publishing
+        _student_folder(staging, name, version)  # check before publishing
         try:
             staging.rename(cache)
         except OSError:
@@ -295,14 +300,14 @@ def download_student(settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return _student_folder(cache, settings, version)
+    return _student_folder(cache, name, version)
 
 
-def _student_folder(root: Path, settings: Settings, version: str) -> Path:
+def _student_folder(root: Path, name: str, version: str) -> Path:
     for config in sorted(root.rglob(STUDENT_FILES[0])):
         if (config.parent / STUDENT_FILES[1]).is_file():
             return config.parent
     raise FileNotFoundError(
-        f"model '{settings.registered_model}' version {version} (downloaded to {root}) holds no "
+        f"model '{name}' version {version} (downloaded to {root}) holds no "
         f"{' + '.join(STUDENT_FILES)}; it was not logged by Loom's log_round"
     )

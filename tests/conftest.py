@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from loom.config import Settings, load_settings
+from loom.config import PROJECT_ROOT, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 TEST_PORTS = {
@@ -73,6 +74,11 @@ def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
     overrides = {**ports, "LOOM_WORKSPACE": str(workspace)}
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
+    # The click model the backend pre-trains at start: the tiny configuration (seconds, not minutes).
+    workspace.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["round"]["clicker_preset"] = "tiny"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     settings = load_settings(workspace)
     try:
         stack.up(settings)

@@ -72,7 +72,7 @@ def test_ensure_project_is_idempotent(settings: Settings, project_id: int) -> No
     client = ls.connect(settings)
     assert [p.id for p in client.projects.list() if p.title == settings.project_title] == [project_id]
     storages = client.import_storage.local.list(project=project_id)
-    assert [s.path for s in storages] == [str(settings.images_dir.resolve())]
+    assert [s.path for s in storages] == [str(settings.label_studio_files_root / "images")]
 
 
 def test_project_with_other_classes_is_refused(settings: Settings, project_id: int) -> None:

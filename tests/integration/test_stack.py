@@ -74,8 +74,15 @@ def test_status_shows_every_service_healthy(stack_settings: Settings) -> None:
     status = stack.status(stack_settings)
 
     assert status.all_healthy, status.table()
-    assert [s.name for s in status.services] == ["labelstudio", "prefect", "prefect-worker", "mlflow"]
+    assert [s.name for s in status.services] == [
+        "labelstudio",
+        "prefect",
+        "prefect-worker",
+        "mlflow",
+        "backend",
+    ]
     ports = stack_settings.ports
+    assert status["backend"].url == f"http://127.0.0.1:{ports.backend}"
     assert status["labelstudio"].url == f"http://127.0.0.1:{ports.label_studio}"
     assert status["prefect"].url == f"http://127.0.0.1:{ports.prefect}"
     assert status["mlflow"].url == f"http://127.0.0.1:{ports.mlflow}"
@@ -103,8 +110,9 @@ def test_label_studio_token_and_workspace_files(stack_settings: Settings) -> Non
     bad = requests.get(f"{url}/api/current-user/whoami", headers={"Authorization": "Token nope"}, timeout=30)
     assert bad.status_code == 401
 
-    # Task data "/data/local-files/?d=data/images/<id>.png" must resolve inside the workspace.
-    image_dir = stack_settings.workspace / "data" / "images"
+    # Task data "/data/local-files/?d=images/<id>.png" resolves through the document root's link to the
+    # images folder; nothing else of the workspace can be served, whatever storage a user adds.
+    image_dir = stack_settings.images_dir
     image_dir.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image_dir / "stack-check.png")
     project = requests.post(
@@ -112,19 +120,28 @@ def test_label_studio_token_and_workspace_files(stack_settings: Settings) -> Non
     )
     project.raise_for_status()
     project_id = project.json()["id"]
+    link = stack_settings.label_studio_files_root / "images"
     try:
-        storage = {"project": project_id, "path": str(image_dir), "use_blob_urls": True, "title": "images"}
+        storage = {"project": project_id, "path": str(link), "use_blob_urls": True, "title": "images"}
         requests.post(
             f"{url}/api/storages/localfiles/", json=storage, headers=headers, timeout=30
         ).raise_for_status()
         served = requests.get(
-            f"{url}/data/local-files/",
-            params={"d": "data/images/stack-check.png"},
-            headers=headers,
-            timeout=30,
+            f"{url}/data/local-files/", params={"d": "images/stack-check.png"}, headers=headers, timeout=30
         )
         assert served.status_code == 200
         assert served.content == (image_dir / "stack-check.png").read_bytes()
+        for outside in (stack_settings.workspace, stack_settings.stack_dir, stack_settings.data_dir):
+            wider = {**storage, "path": str(outside), "title": "too wide"}
+            refused = requests.post(
+                f"{url}/api/storages/localfiles/", json=wider, headers=headers, timeout=30
+            )
+            assert refused.status_code == 400, outside
+        for escape in ("images/../../secrets.env", "../secrets.env", "../../stack/secrets.env"):
+            leaked = requests.get(
+                f"{url}/data/local-files/", params={"d": escape}, headers=headers, timeout=30
+            )
+            assert leaked.status_code != 200 and b"LOOM_LS_TOKEN" not in leaked.content, escape
     finally:
         requests.delete(f"{url}/api/projects/{project_id}/", headers=headers, timeout=30)
         (image_dir / "stack-check.png").unlink()
