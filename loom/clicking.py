@@ -1,0 +1,462 @@
+"""Defect-Click on the core side: pre-training (cached), per-round fine-tuning and NoC evaluation of folders.
+
+- :func:`pretrain_clicker` trains the click segmenter on the embedded fabric generator's exact masks, with
+  teacher-like blurred masks as previous masks for part of the objects, and caches the result in a folder
+  named by a hash of (configuration, data recipe, code version); a second call returns that folder.
+- :func:`fine_tune_clicker` continues from a saved clicker on a round's objects (people's masks with the
+  pre-annotations they corrected), with fewer steps and a lower learning rate.
+- :func:`evaluate_folder` computes the NoC table of the clicker and the baselines (GrabCut, teacher map
+  grown from the clicks) on any folder of images + masks, from nothing and from pre-annotations (given, or
+  computed with the project's teacher zero-shot over the folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from loom.config import DEFAULT_CLASSES, Settings
+from models.clicker import (
+    ClickerConfig,
+    ClickObject,
+    ClickPredictor,
+    ClickSegmenter,
+    ClickTrainConfig,
+    GrabCutSegmenter,
+    NocObject,
+    Segmenter,
+    TeacherMapGrowing,
+    evaluate_noc,
+    image_digest,
+    split_objects,
+    train_clicker,
+)
+from models.clicker.noc import STARTS
+
+log = logging.getLogger(__name__)
+
+#: Bump when a change to the clicker's code or recipe should invalidate cached pre-trained models.
+CLICKER_CODE_VERSION = "1"
+METHODS = ("clicker", "grabcut", "teacher_grow")
+#: Method names in tables.
+METHOD_TITLES = {
+    "clicker": "Defect-Click",
+    "grabcut": "GrabCut",
+    "teacher_grow": "teacher map grown",
+}
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """What :func:`pretrain_clicker` trains on and how (part of the cache key).
+
+    Args:
+        images: fabric images rendered (each with at least one defect).
+        size: their side in pixels.
+        teacher_like_share: share of images whose objects get a teacher-like previous mask (the whole
+            defect mask blurred and re-thresholded, so neighbouring defects merge as a teacher's blobs do).
+        model: ClickerConfig fields.
+        train: ClickTrainConfig fields.
+    """
+
+    images: int
+    size: int = 256
+    teacher_like_share: float = 0.5
+    model: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, PretrainRecipe] = {
+    "default": PretrainRecipe(
+        images=400,
+        model={"image_size": 192, "min_crop": 64},
+        train={"epochs": 8, "steps_per_epoch": 40, "batch_size": 8, "lr": 2e-3, "backbone_lr_factor": 0.1},
+    ),
+    "tiny": PretrainRecipe(
+        images=24,
+        size=128,
+        model={"tiny": True, "width": 16, "aux_channels": 8, "image_size": 64, "min_crop": 32},
+        train={"epochs": 2, "steps_per_epoch": 10, "batch_size": 8, "lr": 3e-3, "recalibrate_batches": 2},
+    ),
+}
+
+
+# ---- objects ---------------------------------------------------------------------------------------
+
+
+def objects_from_masks(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    prelabels: Sequence[np.ndarray | None] | None = None,
+    names: Sequence[str] | None = None,
+) -> list[NocObject]:
+    """Every connected defect region (8-connectivity) of every mask, with its restricted pre-annotation.
+
+    Args:
+        images: (H, W, 3) uint8.
+        masks: (H, W) binary or class-index masks (>0 = defect).
+        prelabels: (H, W) bool pre-annotations of the whole images (or None per image / for all).
+        names: image names (objects are named ``name#k``).
+    """
+    objects: list[NocObject] = []
+    for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        prelabel = None if prelabels is None else prelabels[index]
+        name = names[index] if names is not None else str(index)
+        objects.extend(split_objects(image, mask, prelabel, name))
+    return objects
+
+
+def as_training_objects(objects: Sequence[NocObject]) -> list[ClickObject]:
+    """NoC objects -> training objects (the restricted pre-annotation becomes the previous mask)."""
+    return [ClickObject(o.image, o.mask, o.prelabel) for o in objects]
+
+
+def teacher_like_mask(defect_mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A patch-feature teacher's kind of mask for a whole image: blurred, re-thresholded, a little shifted."""
+    blurred = ndimage.gaussian_filter(defect_mask.astype(np.float32), rng.uniform(2.5, 6.0))
+    if blurred.max() <= 0:
+        return np.zeros(defect_mask.shape, bool)
+    mask = blurred >= rng.uniform(0.1, 0.45) * blurred.max()
+    shift = rng.integers(-3, 4, 2)
+    return np.roll(mask, (int(shift[0]), int(shift[1])), axis=(0, 1))
+
+
+def pretrain_objects(
+    recipe: PretrainRecipe, seed: int = 0, classes: Sequence[str] = DEFAULT_CLASSES
+) -> list[ClickObject]:
+    """Objects of ``recipe.images`` rendered fabric images with exact masks (one per connected region)."""
+    from loom.datasets.fabric import render_sample
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC11C, 1]))
+    objects: list[ClickObject] = []
+    for index in range(recipe.images):
+        # Its own seed stream, so these images are not the ones `generate` draws for a dataset folder.
+        image_seed = int(np.random.SeedSequence([seed, 0xC11C, 0, index]).generate_state(1, np.uint64)[0])
+        sample = render_sample(image_seed, recipe.size, recipe.size, defect_prob=1.0, classes=classes)
+        defect = sample.mask > 0
+        prev = teacher_like_mask(defect, rng) if rng.random() < recipe.teacher_like_share else None
+        for obj in split_objects(sample.image, defect, prev):
+            objects.append(ClickObject(obj.image, obj.mask, obj.prelabel if prev is not None else None))
+    return objects
+
+
+# ---- pre-training and fine-tuning ------------------------------------------------------------------
+
+
+def recipe_key(config: str, seed: int) -> str:
+    """Hash of everything a pre-trained clicker depends on (configuration, recipe, code version, seed)."""
+    if config not in RECIPES:
+        raise ValueError(f"unknown clicker configuration {config!r}: choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[config]
+    payload = {
+        "config": config,
+        "recipe": asdict(recipe) | {"model": dict(recipe.model), "train": dict(recipe.train)},
+        "model_defaults": asdict(ClickerConfig(**recipe.model)),
+        "train_defaults": ClickTrainConfig(**recipe.train).to_dict(),
+        "code": CLICKER_CODE_VERSION,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_save(model: ClickSegmenter, target: Path, metadata: dict[str, Any]) -> Path:
+    """Save into a temporary sibling folder, then rename: a killed run leaves no half-written model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging, metadata=metadata)
+        if target.exists():  # someone else finished first (or a re-run): keep one copy
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def pretrain_clicker(cache_root: Path, config: str = "default", seed: int = 0) -> Path:
+    """The pre-trained clicker folder for ``config`` ("default" or "tiny"), trained once and cached.
+
+    Returns:
+        ``cache_root / clicker-<config>-<hash>``, holding ``config.json`` + ``model.safetensors``.
+    """
+    import torch
+
+    target = Path(cache_root) / f"clicker-{config}-{recipe_key(config, seed)}"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    recipe = RECIPES[config]
+    started = time.perf_counter()
+    objects = pretrain_objects(recipe, seed)
+    torch.manual_seed(seed)
+    model = ClickSegmenter(ClickerConfig(**recipe.model))
+    train_config = ClickTrainConfig(**{**recipe.train, "seed": seed})
+    log.info("pre-training the clicker (%s) on %d objects of %d images", config, len(objects), recipe.images)
+    history = train_clicker(model, objects, train_config)
+    seconds = time.perf_counter() - started
+    log.info("clicker pre-trained in %.0f s (final loss %.4f)", seconds, history[-1]["loss"])
+    metadata = {
+        "recipe": config,
+        "recipe_key": target.name,
+        "objects": len(objects),
+        "pretrain_seconds": round(seconds, 1),
+        "final_loss": history[-1]["loss"],
+    }
+    return _atomic_save(model, target, metadata)
+
+
+def load_clicker(model_dir: Path) -> ClickSegmenter:
+    """A saved clicker (weights-only: safetensors)."""
+    return ClickSegmenter.from_pretrained(model_dir)
+
+
+def fine_tune_clicker(
+    base_dir: Path,
+    objects: Sequence[ClickObject | NocObject],
+    out_dir: Path,
+    epochs: int = 4,
+    steps_per_epoch: int = 25,
+    lr: float = 5e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[Path, list[dict[str, float]]]:
+    """Continue training a saved clicker on a round's objects; saved atomically to ``out_dir``.
+
+    Args:
+        base_dir: the clicker to start from (pre-trained or last round's).
+        objects: people's object masks, with the pre-annotation they corrected as previous mask.
+        out_dir: where the fine-tuned clicker goes (replaced if it exists).
+        epochs, steps_per_epoch, lr, batch_size, seed: loop settings (see ClickTrainConfig).
+        on_epoch: progress callback, as in :func:`models.clicker.train_clicker`.
+
+    Returns:
+        (out_dir, per-epoch history).
+    """
+    model = load_clicker(base_dir)
+    train_objects = [
+        ClickObject(o.image, o.mask, o.prelabel) if isinstance(o, NocObject) else o for o in objects
+    ]
+    config = ClickTrainConfig(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        backbone_lr_factor=0.1,
+    )
+    history = train_clicker(model, train_objects, config, on_epoch=on_epoch)
+    metadata = {
+        "base": Path(base_dir).name,
+        "fine_tune_objects": len(train_objects),
+        "final_loss": history[-1]["loss"],
+    }
+    return _atomic_save(model, Path(out_dir), metadata), history
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prelabels:
+    """Pre-annotations of a set of images: masks (H, W) bool, teacher maps (H, W) float32 or None, source."""
+
+    masks: list[np.ndarray]
+    maps: list[np.ndarray | None]
+    source: str
+
+
+def teacher_prelabels(
+    images: Sequence[np.ndarray], settings: Settings | None = None, teacher: str = "backbone"
+) -> Prelabels:
+    """The project's teacher zero-shot over ``images`` (the pool it labels), as a round pre-annotates."""
+    from loom.config import load_settings
+    from loom.teachers import build_teacher
+
+    settings = settings or load_settings()
+    model, why = build_teacher(settings, teacher)
+    started = time.perf_counter()
+    model.fit(list(images), [])
+    predictions = model.predict(list(images))
+    log.info("%s: %d images in %.0f s", why, len(images), time.perf_counter() - started)
+    return Prelabels(
+        [p.mask.astype(bool) for p in predictions],
+        [p.anomaly_map.astype(np.float32) for p in predictions],
+        f"{why}, zero-shot over {len(images)} images",
+    )
+
+
+def read_prelabels(prelabels_dir: Path, stems: Sequence[str], shapes: Sequence[tuple[int, int]]) -> Prelabels:
+    """Pre-annotations in the prediction layout (``masks/<stem>.png``, optional ``maps/<stem>.npy``)."""
+    from loom.imageio import read_mask
+
+    prelabels_dir = Path(prelabels_dir)
+    masks, maps = [], []
+    for stem, shape in zip(stems, shapes, strict=True):
+        path = prelabels_dir / "masks" / f"{stem}.png"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: a pre-annotation folder holds masks/<stem>.png per image"
+            )
+        masks.append(read_mask(path, 255, expected_hw=shape) > 0)
+        map_path = prelabels_dir / "maps" / f"{stem}.npy"
+        maps.append(np.load(map_path).astype(np.float32) if map_path.is_file() else None)
+    return Prelabels(masks, maps, f"pre-annotations from {prelabels_dir}")
+
+
+def read_folder(
+    images_dir: Path, masks_dir: Path
+) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
+    """Images of a folder (sorted by name) and their masks (``masks_dir/<stem>.png``, None when missing)."""
+    from loom.imageio import read_image, read_mask
+    from loom.runner import IMAGE_SUFFIXES
+
+    paths = sorted(
+        p for p in Path(images_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not paths:
+        raise FileNotFoundError(f"no images in {images_dir}")
+    stems, images, masks = [], [], []
+    for path in paths:
+        image = read_image(path)
+        mask_path = Path(masks_dir) / f"{path.stem}.png"
+        stems.append(path.stem)
+        images.append(image)
+        masks.append(
+            read_mask(mask_path, 255, expected_hw=image.shape[:2]) > 0 if mask_path.is_file() else None
+        )
+    if all(m is None for m in masks):
+        raise FileNotFoundError(f"none of the images in {images_dir} has a mask <stem>.png in {masks_dir}")
+    return stems, images, masks
+
+
+def build_methods(
+    names: Sequence[str],
+    model_dir: Path | None,
+    maps: Mapping[str, np.ndarray] | None,
+) -> dict[str, Segmenter]:
+    """The methods to compare, each as ``segment(image, clicks, prev_mask) -> mask``.
+
+    GrabCut and the teacher growing use the clicker's zoom crop and disk radius (the default ones when no
+    clicker is evaluated), so every method sees the same region.
+    """
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    config = ClickerConfig()
+    predictor = None
+    if model_dir is not None:
+        predictor = ClickPredictor(load_clicker(model_dir))
+        config = predictor.config
+    methods: dict[str, Segmenter] = {}
+    for name in names:
+        if name == "clicker":
+            if predictor is None:
+                raise ValueError("the clicker needs a model folder")
+            methods[name] = predictor.segmenter()
+        elif name == "grabcut":
+            methods[name] = GrabCutSegmenter(config.zoom, config.click_radius)
+        elif name == "teacher_grow" and maps:
+            methods[name] = TeacherMapGrowing(maps, config.zoom, click_radius=config.click_radius)
+    return methods
+
+
+def evaluate_objects(
+    methods: Mapping[str, Segmenter],
+    objects: Sequence[NocObject],
+    starts: Sequence[str] = STARTS,
+    max_clicks: int = 20,
+) -> dict[str, dict[str, dict[str, float | int]]]:
+    """NoC rows per method and start: ``{method: {start: {noc85, noc90, fail20, objects, ...}}}``."""
+    table: dict[str, dict[str, dict[str, float | int]]] = {}
+    for name, segment in methods.items():
+        table[name] = {}
+        for start in starts:
+            started = time.perf_counter()
+            table[name][start] = evaluate_noc(segment, objects, start, max_clicks)
+            log.info(
+                "NoC %s from %s: %s (%.0f s)", name, start, table[name][start], time.perf_counter() - started
+            )
+    return table
+
+
+def evaluate_folder(
+    images_dir: Path,
+    masks_dir: Path,
+    model_dir: Path | None = None,
+    prelabels_dir: Path | None = None,
+    teacher: str = "backbone",
+    methods: Sequence[str] = METHODS,
+    starts: Sequence[str] = STARTS,
+    max_clicks: int = 20,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """The NoC table of a folder of images + masks (PNG, 0 background, >0 defect; binary or class ids).
+
+    Pre-annotations (for the "prelabel" start) come from ``prelabels_dir`` (prediction layout) or from
+    ``teacher`` run zero-shot over all images of the folder; ``teacher="none"`` with no folder drops that
+    start and the teacher-map baseline. The teacher's maps feed the "teacher map grown" baseline.
+
+    Returns:
+        JSON-serialisable: ``{"methods": {method: {start: {"noc85", "noc90", "fail20", "objects", ...}}},
+        "images", "objects", "prelabels", "model", "max_clicks", "fail_threshold"}``.
+    """
+    stems, images, masks = read_folder(images_dir, masks_dir)
+    prelabels: Prelabels | None = None
+    if prelabels_dir is not None:
+        prelabels = read_prelabels(prelabels_dir, stems, [image.shape[:2] for image in images])
+    elif teacher != "none" and ("prelabel" in starts or "teacher_grow" in methods):
+        prelabels = teacher_prelabels(images, settings, teacher)
+    labeled = [i for i, mask in enumerate(masks) if mask is not None]
+    objects = objects_from_masks(
+        [images[i] for i in labeled],
+        [masks[i] for i in labeled],  # type: ignore[misc]
+        None if prelabels is None else [prelabels.masks[i] for i in labeled],
+        [stems[i] for i in labeled],
+    )
+    maps = None
+    if prelabels is not None and all(m is not None for m in prelabels.maps):
+        maps = {image_digest(images[i]): prelabels.maps[i] for i in labeled}
+    starts = [s for s in starts if s != "prelabel" or prelabels is not None]
+    names = [m for m in methods if m != "teacher_grow" or maps is not None]
+    table = evaluate_objects(build_methods(names, model_dir, maps), objects, starts, max_clicks)
+    return {
+        "methods": table,
+        "images": len(images),
+        "labeled_images": len(labeled),
+        "objects": len(objects),
+        "prelabels": None if prelabels is None else prelabels.source,
+        "model": None if model_dir is None else str(model_dir),
+        "max_clicks": max_clicks,
+        "fail_threshold": 0.9,
+    }
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A markdown table of an :func:`evaluate_folder` result (or any ``{"methods": ...}`` dict)."""
+    max_clicks = result.get("max_clicks", 20)
+    lines = [
+        f"| method | start | NoC@85 | NoC@90 | fail@{max_clicks} | objects | s/click |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in result["methods"].items():
+        for start, row in rows.items():
+            begin = "pre-annotation" if start == "prelabel" else "nothing"
+            lines.append(
+                f"| {METHOD_TITLES.get(name, name)} | {begin} "
+                f"| {row['noc85']:.2f} | {row['noc90']:.2f} | {row[f'fail{max_clicks}']:.2f} "
+                f"| {row['objects']} | {row['s_per_click']:.3f} |"
+            )
+    return "\n".join(lines)
