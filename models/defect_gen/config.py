@@ -1,7 +1,7 @@
 """Settings of Defect-Gen: the two networks, the shared noise schedule, training and sampling.
 
 Three presets: ``tiny`` (unit tests, seconds), ``cpu`` (a round on 2 CPU cores in minutes: 64 px crops,
-small networks, a few hundred steps) and ``full`` (a GPU: 128 px crops, wider and deeper networks, thousands
+small networks, a few hundred steps) and ``full`` (a GPU: 96 px crops, wider and deeper networks, thousands
 of steps, bf16 autocast). :func:`preset` with no name picks ``full`` when CUDA is present, else ``cpu``.
 """
 
@@ -34,7 +34,8 @@ class DefectGenConfig:
     Training:
         large_steps / small_steps: optimiser steps of each model; batch_size; lr (AdamW, warm-up then cosine);
         jitter: colour jitter amplitude (gain and offset, in [-1, 1] units); max_train_seconds: a wall-clock
-        cap per model (None: none); training stops early there and says so in its history.
+        cap on both models together (None: none), shared in proportion to their steps; a model that reaches
+        its share stops early and says so in its history.
     Sampling:
         sampler: ``ddim`` or ``ddpm`` (same betas as training); sampling_steps: steps of the one descent;
         resample_jumps: RePaint resampling, each step redone that many more times after re-noising its
@@ -94,6 +95,12 @@ class DefectGenConfig:
         if any(c % self.norm_groups for c in (*self.large_channels, *self.small_channels)):
             raise ValueError(f"every channel width must be divisible by norm_groups={self.norm_groups}")
 
+    def seconds_cap(self, steps: int) -> float | None:
+        """The share of ``max_train_seconds`` of a model that trains ``steps`` steps."""
+        if self.max_train_seconds is None:
+            return None
+        return self.max_train_seconds * steps / max(1, self.large_steps + self.small_steps)
+
     @property
     def switch_timestep(self) -> int:
         """s: the first timestep (from the top) that the small model handles is s - 1."""
@@ -136,21 +143,21 @@ PRESETS: dict[str, DefectGenConfig] = {
     ),
     "cpu": DefectGenConfig(name="cpu"),
     "full": DefectGenConfig(
-        crop_size=128,
-        region_size=88,
-        patch_size=64,
+        crop_size=96,
+        region_size=64,
+        patch_size=48,
         large_channels=(64, 128, 128, 256),
         large_attention=(False, False, True, True),
         large_layers=2,
         small_channels=(64, 128),
         small_layers=1,
         norm_groups=32,
-        large_steps=3000,
+        large_steps=4000,
         small_steps=2000,
         batch_size=64,
         lr=4e-4,
         warmup_steps=100,
-        max_train_seconds=70.0,
+        max_train_seconds=75.0,
         sampling_steps=50,
         batch_size_sample=128,
         name="full",

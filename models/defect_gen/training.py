@@ -98,6 +98,7 @@ def train_denoiser(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
     lr_schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     history: list[dict[str, float]] = []
+    cap = config.seconds_cap(config.large_steps if which == LARGE else config.small_steps)
     started = time.perf_counter()
     running: list[float] = []
     for step in range(total):
@@ -114,7 +115,7 @@ def train_denoiser(
         lr_schedule.step()
         running.append(loss.item())
         seconds = time.perf_counter() - started
-        over_time = config.max_train_seconds is not None and seconds > config.max_train_seconds
+        over_time = cap is not None and seconds > cap
         if (step + 1) % LOG_EVERY == 0 or step + 1 == total or over_time:
             entry = {"step": float(step + 1), "loss": float(np.mean(running)), "seconds": seconds}
             if over_time and step + 1 < total:
@@ -126,11 +127,11 @@ def train_denoiser(
             logger.info("defect-gen %s step %d/%d loss %.4f", which, step + 1, total, entry["loss"])
         if over_time:
             logger.warning(
-                "defect-gen %s stopped at step %d/%d: max_train_seconds=%s reached",
+                "defect-gen %s stopped at step %d/%d: its %.0f s of max_train_seconds reached",
                 which,
                 step + 1,
                 total,
-                config.max_train_seconds,
+                cap,
             )
             break
     unet.eval()
