@@ -155,11 +155,11 @@ def pretrain_objects(
 # ---- pre-training and fine-tuning ------------------------------------------------------------------
 
 
-def recipe_key(config: str, seed: int) -> str:
+def recipe_key(config: str, seed: int, recipe: PretrainRecipe | None = None) -> str:
     """Hash of everything a pre-trained clicker depends on (configuration, recipe, code version, seed)."""
     if config not in RECIPES:
         raise ValueError(f"unknown clicker configuration {config!r}: choose one of {', '.join(RECIPES)}")
-    recipe = RECIPES[config]
+    recipe = RECIPES[config] if recipe is None else recipe
     payload = {
         "config": config,
         "recipe": asdict(recipe) | {"model": dict(recipe.model), "train": dict(recipe.train)},
@@ -186,18 +186,26 @@ def _atomic_save(model: ClickSegmenter, target: Path, metadata: dict[str, Any]) 
     return target
 
 
-def pretrain_clicker(cache_root: Path, config: str = "default", seed: int = 0) -> Path:
+def pretrain_clicker(
+    cache_root: Path, config: str = "default", seed: int = 0, recipe: PretrainRecipe | None = None
+) -> Path:
     """The pre-trained clicker folder for ``config`` ("default" or "tiny"), trained once and cached.
+
+    Args:
+        cache_root: folder of cached pre-trained clickers.
+        config: a name of :data:`RECIPES`.
+        seed: seeds the rendered images, the sampling and the initial weights.
+        recipe: a variant of the named recipe (benchmarks: other lengths); part of the cache key.
 
     Returns:
         ``cache_root / clicker-<config>-<hash>``, holding ``config.json`` + ``model.safetensors``.
     """
     import torch
 
-    target = Path(cache_root) / f"clicker-{config}-{recipe_key(config, seed)}"
+    target = Path(cache_root) / f"clicker-{config}-{recipe_key(config, seed, recipe)}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
-    recipe = RECIPES[config]
+    recipe = RECIPES[config] if recipe is None else recipe
     started = time.perf_counter()
     objects = pretrain_objects(recipe, seed)
     torch.manual_seed(seed)
@@ -211,6 +219,7 @@ def pretrain_clicker(cache_root: Path, config: str = "default", seed: int = 0) -
         "recipe": config,
         "recipe_key": target.name,
         "objects": len(objects),
+        "steps": train_config.epochs * train_config.steps_per_epoch,
         "pretrain_seconds": round(seconds, 1),
         "final_loss": history[-1]["loss"],
     }

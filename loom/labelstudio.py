@@ -211,7 +211,10 @@ def connect_ml_backend(settings: Settings, project_id: int, client: LabelStudio 
             b for b in client.ml.list(project=project_id) if (b.url or "").rstrip("/") == settings.backend_url
         ]
         if found:
-            backend = client.ml.update(found[0].id, is_interactive=True, **auth)
+            # url and project go along: Label Studio 1.23 re-checks the backend on update (HTTP 500 else).
+            backend = client.ml.update(
+                found[0].id, url=settings.backend_url, project=project_id, is_interactive=True, **auth
+            )
         else:
             backend = client.ml.create(
                 project=project_id,

@@ -29,7 +29,8 @@ class DefectGenConfig:
             attention.
         norm_groups: GroupNorm groups of both networks.
     Schedule:
-        num_train_timesteps: T; beta_schedule: diffusers name of the betas (one set for both models).
+        num_train_timesteps: T; beta_schedule: diffusers name of the betas (one set for both models);
+            prediction_type: what both networks predict, ``epsilon`` (as published) or ``v_prediction``.
         switch_fraction: s = round(switch_fraction * T); the large model handles t >= s, the small one t < s.
     Training:
         large_steps / small_steps: optimiser steps of each model; batch_size; lr (AdamW, warm-up then cosine);
@@ -53,6 +54,7 @@ class DefectGenConfig:
     norm_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"
     switch_fraction: float = 0.4
     large_steps: int = 400
     small_steps: int = 400
@@ -85,6 +87,10 @@ class DefectGenConfig:
             raise ValueError(f"region_size {self.region_size} must lie in (0, crop_size={self.crop_size})")
         if not 0.0 < self.switch_fraction < 1.0:
             raise ValueError(f"switch_fraction must be in (0, 1), got {self.switch_fraction}")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
         if self.num_train_timesteps % self.sampling_steps:

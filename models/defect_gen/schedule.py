@@ -36,7 +36,7 @@ def training_scheduler(config: DefectGenConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
         clip_sample=True,
         timestep_spacing="trailing",
     )

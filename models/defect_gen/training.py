@@ -1,7 +1,7 @@
 """Explicit training loops of the two denoisers, each on its own timestep range.
 
 The large model learns t in [s, T) on whole crops around the labeled defects, the small one t in [0, s) on
-random patches of the same crops. Both: epsilon prediction, MSE over all joint channels (RGB and mask),
+random patches of the same crops. Both: epsilon (or v) prediction, MSE over all joint channels (RGB and mask),
 AdamW with a linear warm-up then cosine decay, bf16 autocast and TF32 on CUDA, channels-last.
 """
 
@@ -51,13 +51,21 @@ def denoising_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
 ) -> torch.Tensor:
-    """MSE between the noise and the network's prediction of it from x_t (mean over every value)."""
+    """MSE between the network's output from x_t and its target (mean over every value).
+
+    The target is the noise (``epsilon``) or the velocity sqrt(a) eps - sqrt(1 - a) x0 (``v_prediction``),
+    as the scheduler's ``prediction_type`` says.
+    """
     noisy = scheduler.add_noise(x0, noise, timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, timesteps)
+    else:
+        target = noise
     with autocast(x0.device):
         predicted = unet(
             noisy.contiguous(memory_format=torch.channels_last), timesteps, class_labels=labels
         ).sample
-    return F.mse_loss(predicted.float(), noise)
+    return F.mse_loss(predicted.float(), target)
 
 
 def train_denoiser(
