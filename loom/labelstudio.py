@@ -235,17 +235,26 @@ def connect_ml_backend(settings: Settings, project_id: int, client: LabelStudio 
 
 
 def _ensure_webhook(settings: Settings, client: LabelStudio, project_id: int) -> None:
+    """One webhook to the backend's ``/webhook`` carrying its credentials.
+
+    Label Studio adds a webhook to ``<backend>/webhook`` by itself when an ML backend is created, without
+    the backend's basic auth (so every event would get a 401): that one is updated, not duplicated.
+    """
     url = f"{settings.backend_url}/webhook"
-    if any((w.url or "") == url for w in client.webhooks.list(project=project_id)):
+    wanted = {
+        "url": url,
+        "send_payload": True,
+        "send_for_all_actions": False,
+        "actions": list(WEBHOOK_ACTIONS),
+        "headers": {"Authorization": _basic_auth_header(settings)},
+    }
+    existing = [w for w in client.webhooks.list(project=project_id) if (w.url or "") == url]
+    if not existing:
+        client.webhooks.create(project=project_id, **wanted)
         return
-    client.webhooks.create(
-        project=project_id,
-        url=url,
-        send_payload=True,
-        send_for_all_actions=False,
-        actions=list(WEBHOOK_ACTIONS),
-        headers={"Authorization": _basic_auth_header(settings)},
-    )
+    for hook in existing:
+        if (hook.headers or {}) != wanted["headers"] or set(hook.actions or []) != set(WEBHOOK_ACTIONS):
+            client.webhooks.update(id=hook.id, **wanted)
 
 
 def _basic_auth_header(settings: Settings) -> str:

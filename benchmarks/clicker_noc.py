@@ -1,0 +1,296 @@
+"""Defect-Click against GrabCut and the teacher map on the same clicks (NoC protocol), and its latency.
+
+NoC mode (default): the embedded fabric data of params.yaml (240 images, 256 px, defect share 0.3, frozen
+test split 0.25); pre-annotations from the backbone teacher zero-shot over all 240 images, as a round
+pre-annotates; the objects (8-connected defect regions) of the 60 test images. Side by side, from nothing
+and from the pre-annotation (restricted to its components near each object), every method on the same
+simulated clicks (models/clicker/noc.py):
+
+- GrabCut with the clicks in the clicker's zoom crop,
+- the teacher's anomaly map grown from the clicks,
+- the pre-trained clicker (``loom.clicking.pretrain_clicker``, cached under ``--work``),
+- that clicker fine-tuned on the true masks of the first 24 train images with defects (one round's
+  reviews), with the teacher's pre-annotations as the masks people corrected.
+
+Latency mode (``--latency``): in-process predictor calls on rendered fabric, a first click on an image
+(the backbone runs) and a follow-up click inside its crop (cached features, the decoder only), p50 / p95
+at 256 x 256, 512 x 512 and 4096 x 256.
+
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench            # NoC table (markdown)
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency  # latency table
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --steps 160 --methods pretrained
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: The params.yaml dataset.
+DATASET = {"n_images": 240, "size": 256, "defect_fraction": 0.3, "test_fraction": 0.25, "seed": 0}
+#: Train images with defects whose true masks the fine-tuned row learns from (one round's reviews).
+FINE_TUNE_IMAGES = 24
+METHODS = ("grabcut", "teacher_grow", "pretrained", "fine-tuned")
+TITLES = {
+    "grabcut": "GrabCut",
+    "teacher_grow": "teacher map grown",
+    "pretrained": "Defect-Click pre-trained",
+    "fine-tuned": "Defect-Click fine-tuned",
+}
+#: (height, width) of the latency frames.
+LATENCY_SHAPES = ((256, 256), (512, 512), (256, 4096))
+
+
+def load_split(data: Path, split: str) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Stems, images and class masks of one split (manifest order)."""
+    import pandas as pd
+
+    from loom.imageio import read_image, read_mask
+
+    classes = json.loads((data / "classes.json").read_text())
+    rows = pd.read_parquet(data / "manifest.parquet")
+    rows = rows[rows["split"] == split]
+    stems = [Path(p).stem for p in rows["path"]]
+    images = [read_image(data / p) for p in rows["path"]]
+    masks = [read_mask(data / "masks" / f"{s}.png", len(classes)) for s in stems]
+    return stems, images, masks
+
+
+def teacher_annotations(data: Path, work: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
+    """stem -> (pre-annotation mask, anomaly map) of the backbone teacher zero-shot over all images, and
+    a line saying what ran (cached in ``work/teacher.npz``)."""
+    from loom.clicking import teacher_prelabels
+    from loom.config import Settings
+
+    cache = work / "teacher.npz"
+    if cache.is_file():
+        stored = np.load(cache)
+        stems = sorted({k.split("/", 1)[1] for k in stored.files if "/" in k})
+        source = str(stored["source"])
+        return {s: (stored[f"mask/{s}"], stored[f"map/{s}"]) for s in stems}, source
+    stems, images = [], []
+    for split in ("train", "test"):
+        split_stems, split_images, _ = load_split(data, split)
+        stems += split_stems
+        images += split_images
+    started = time.perf_counter()
+    prelabels = teacher_prelabels(images, Settings(workspace=work / "workspace"), "backbone")
+    source = f"{prelabels.source} ({time.perf_counter() - started:.0f} s)"
+    out = {s: (m, a) for s, m, a in zip(stems, prelabels.masks, prelabels.maps, strict=True)}
+    arrays = {f"mask/{s}": m for s, (m, _) in out.items()} | {f"map/{s}": a for s, (_, a) in out.items()}
+    np.savez_compressed(cache, source=np.array(source), **arrays)
+    return out, source
+
+
+def recipe_for(config: str, steps: int | None):
+    """The named pre-training recipe, or the same one with ``steps`` optimiser steps in all."""
+    from loom.clicking import RECIPES
+
+    recipe = RECIPES[config]
+    if steps is None:
+        return recipe
+    train = dict(recipe.train)
+    per_epoch = train.get("steps_per_epoch", 50)
+    epochs = max(1, round(steps / per_epoch))
+    return replace(recipe, train={**train, "epochs": epochs, "steps_per_epoch": max(1, steps // epochs)})
+
+
+def noc(args: argparse.Namespace) -> dict:
+    from loom.clicking import (
+        build_methods,
+        evaluate_objects,
+        fine_tune_clicker,
+        objects_from_masks,
+        pretrain_clicker,
+    )
+    from models.clicker import ClickPredictor, image_digest
+    from models.student.checkpoint import read_model_metadata
+
+    work = args.work
+    data = work / "fabric"
+    if not (data / "manifest.parquet").is_file():
+        from loom.datasets.fabric import generate
+
+        generate(data, **DATASET)
+    teacher, teacher_source = teacher_annotations(data, work)
+    stems, images, masks = load_split(data, "test")
+    objects = objects_from_masks(images, masks, [teacher[s][0] for s in stems], stems)
+    maps = {image_digest(image): teacher[s][1] for s, image in zip(stems, images, strict=True)}
+
+    started = time.perf_counter()
+    recipe = recipe_for(args.config, args.steps)
+    pretrained = pretrain_clicker(work / "cache", config=args.config, seed=args.seed, recipe=recipe)
+    meta = read_model_metadata(pretrained)
+    info = {
+        "pretrained": str(pretrained),
+        "pretrain_seconds": meta.get("pretrain_seconds"),
+        "pretrain_steps": meta.get("steps"),
+        "pretrain_cached": time.perf_counter() - started < 0.5 * float(meta.get("pretrain_seconds", 0)),
+        "teacher": teacher_source,
+        "objects": len(objects),
+        "test_images": len(images),
+        "images_with_objects": sum(bool(m.any()) for m in masks),
+    }
+    segmenters = {}
+    baselines = [m for m in ("grabcut", "teacher_grow") if m in args.methods]
+    segmenters |= build_methods(baselines, pretrained, maps)
+    if "pretrained" in args.methods:
+        segmenters["pretrained"] = ClickPredictor.from_pretrained(pretrained).segmenter()
+    if "fine-tuned" in args.methods:
+        train_stems, train_images, train_masks = load_split(data, "train")
+        picked = [i for i, m in enumerate(train_masks) if m.any()][:FINE_TUNE_IMAGES]
+        reviewed = objects_from_masks(
+            [train_images[i] for i in picked],
+            [train_masks[i] for i in picked],
+            [teacher[train_stems[i]][0] for i in picked],
+        )
+        started = time.perf_counter()
+        tuned, _ = fine_tune_clicker(
+            pretrained,
+            reviewed,
+            work / f"fine-tuned-{pretrained.name}",
+            epochs=max(1, args.fine_tune_steps // 25),
+            steps_per_epoch=25,
+            seed=args.seed,
+        )
+        info["fine_tune_steps"] = 25 * max(1, args.fine_tune_steps // 25)
+        info["fine_tune_seconds"] = round(time.perf_counter() - started, 1)
+        info["fine_tune_objects"] = len(reviewed)
+
+        segmenters["fine-tuned"] = ClickPredictor.from_pretrained(tuned).segmenter()
+    ordered = {name: segmenters[name] for name in METHODS if name in segmenters}
+    table = evaluate_objects(ordered, objects)
+    return {"methods": table, **info}
+
+
+def format_noc(result: dict) -> str:
+    lines = [
+        "| method | start | NoC@85 | NoC@90 | fail@20 | IoU@1 | objects | ms/click |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in result["methods"].items():
+        for start, row in rows.items():
+            begin = "pre-annotation" if start == "prelabel" else "nothing"
+            lines.append(
+                f"| {TITLES.get(name, name)} | {begin} | {row['noc85']:.2f} | {row['noc90']:.2f} "
+                f"| {row['fail20']:.2f} | {row['iou1']:.3f} | {row['objects']} "
+                f"| {1000 * row['s_per_click']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def latency(args: argparse.Namespace) -> dict:
+    """p50 / p95 of first and follow-up clicks per frame shape."""
+    from loom.clicking import pretrain_clicker
+    from loom.datasets.fabric import render_sample
+    from models.clicker import Click, ClickPredictor
+
+    model_dir = args.model or pretrain_clicker(
+        args.work / "cache", config=args.config, seed=args.seed, recipe=recipe_for(args.config, args.steps)
+    )
+    predictor = ClickPredictor.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    out: dict = {"model": str(model_dir), "shapes": {}}
+    for height, width in LATENCY_SHAPES:
+        first, follow = [], []
+        frames = [render_sample(1000 + k, height, width, defect_prob=1.0).image for k in range(args.frames)]
+        for repeat in range(args.repeats + 1):  # the first pass warms up allocators, not counted
+            for k, image in enumerate(frames):
+                y, x = float(rng.uniform(0.2, 0.8) * height), float(rng.uniform(0.2, 0.8) * width)
+                key = f"{height}x{width}-{k}-{repeat}"
+                started = time.perf_counter()
+                answer = predictor.predict(image, [Click(y, x, True)], image_key=key)
+                first_ms = 1000 * (time.perf_counter() - started)
+                clicks = [Click(y, x, True), Click(y + 3, x - 3, False)]
+                started = time.perf_counter()
+                again = predictor.predict(image, clicks, prev_mask=answer.mask, image_key=key)
+                follow_ms = 1000 * (time.perf_counter() - started)
+                if not answer.encoded or again.encoded:
+                    raise RuntimeError("a follow-up click inside the crop ran the backbone")
+                if repeat:
+                    first.append(first_ms)
+                    follow.append(follow_ms)
+        out["shapes"][f"{height}x{width}"] = {
+            "first_p50": float(np.percentile(first, 50)),
+            "first_p95": float(np.percentile(first, 95)),
+            "follow_p50": float(np.percentile(follow, 50)),
+            "follow_p95": float(np.percentile(follow, 95)),
+            "calls": len(first),
+        }
+    return out
+
+
+def format_latency(result: dict) -> str:
+    lines = [
+        "| frame (H x W) | first click p50 ms | p95 | follow-up p50 ms | p95 | calls |",
+        "|---|---|---|---|---|---|",
+    ]
+    for shape, row in result["shapes"].items():
+        lines.append(
+            f"| {shape.replace('x', ' x ')} | {row['first_p50']:.1f} | {row['first_p95']:.1f} "
+            f"| {row['follow_p50']:.1f} | {row['follow_p95']:.1f} | {row['calls']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, required=True, help="data, teacher maps and models (reused)")
+    parser.add_argument("--config", default="default", help="pre-training recipe of loom.clicking")
+    parser.add_argument("--steps", type=int, help="pre-training steps instead of the recipe's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fine-tune-steps", type=int, default=100, help="a multiple of 25")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--latency", action="store_true", help="predictor latency instead of NoC")
+    parser.add_argument("--model", type=Path, help="latency: this clicker folder instead of the pre-trained")
+    parser.add_argument("--frames", type=int, default=10, help="latency: frames per shape")
+    parser.add_argument("--repeats", type=int, default=3, help="latency: passes over the frames")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
+
+    started = time.perf_counter()
+    result = latency(args) if args.latency else noc(args)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"Command: `python {shlex.join(sys.argv)}`  ")
+    print(
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
+    if args.latency:
+        print(format_latency(result))
+    else:
+        print(
+            f"{result['objects']} objects in {result['images_with_objects']} of the {result['test_images']} "
+            f"test images; pre-annotations: {result['teacher']}; pre-training "
+            f"{result['pretrain_steps']} steps, {result['pretrain_seconds']} s"
+            f"{' (cached)' if result['pretrain_cached'] else ''}"
+            + (
+                f"; fine-tuning {result['fine_tune_steps']} steps on {result['fine_tune_objects']} objects, "
+                f"{result['fine_tune_seconds']} s"
+                if "fine_tune_seconds" in result
+                else ""
+            )
+            + "\n"
+        )
+        print(format_noc(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
