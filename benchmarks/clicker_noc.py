@@ -12,12 +12,14 @@ simulated clicks (models/clicker/noc.py):
 - that clicker fine-tuned on the true masks of the first 24 train images with defects (one round's
   reviews), with the teacher's pre-annotations as the masks people corrected.
 
-Latency mode (``--latency``): in-process predictor calls on rendered fabric, a first click on an image
-(the backbone runs) and a follow-up click inside its crop (cached features, the decoder only), p50 / p95
-at 256 x 256, 512 x 512 and 4096 x 256.
+Latency mode (``--latency``): a first click on an image (the backbone runs) and a follow-up click inside
+its crop (cached features, the decoder only), p50 / p95 at 256 x 256, 512 x 512 and 4096 x 256 on rendered
+fabric; with ``--http``, measured as Label Studio sees it: ``POST /predict`` of a real ``loom backend``
+process (its own workspace, basic auth, keep-alive), the request as Label Studio forwards a smart key point.
 
     python benchmarks/clicker_noc.py --work /tmp/clicker-bench            # NoC table (markdown)
-    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency  # latency table
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency  # latency table, in-process
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency --http  # through HTTP /predict
     python benchmarks/clicker_noc.py --work /tmp/clicker-bench --steps 160 --methods pretrained
 """
 
@@ -229,6 +231,118 @@ def latency(args: argparse.Namespace) -> dict:
     return out
 
 
+def http_latency(args: argparse.Namespace) -> dict:
+    """p50 / p95 of first and follow-up clicks through ``POST /predict`` of a ``loom backend`` process."""
+    import shutil
+    import socket
+    import subprocess
+
+    import requests
+    import yaml
+
+    from loom import labelstudio as ls
+    from loom.clicking import pretrain_clicker, pretrained_clicker_root
+    from loom.config import PROJECT_ROOT, load_settings
+    from loom.datasets.fabric import render_sample
+    from loom.imageio import write_png
+
+    model_dir = args.model or pretrain_clicker(
+        args.work / "cache", config=args.config, seed=args.seed, recipe=recipe_for(args.config, args.steps)
+    )
+    workspace = args.work / "http-workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
+    workspace.mkdir(parents=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["round"]["clicker_preset"] = args.config
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    settings = load_settings(workspace)
+    # The backend answers with the workspace's champion; point it at the model measured here.
+    settings.clicker_dir.mkdir(parents=True, exist_ok=True)
+    (settings.clicker_dir / "champion.json").write_text(
+        json.dumps({"version": "bench", "model_dir": str(Path(model_dir).resolve())})
+    )
+    pretrained_clicker_root(settings).mkdir(parents=True, exist_ok=True)
+    if args.model is None:  # its warm-up finds the pre-trained one cached instead of training it again
+        shutil.copytree(model_dir, pretrained_clicker_root(settings) / Path(model_dir).name)
+    env = {**os.environ, "LOOM_WORKSPACE": str(workspace), "OMP_NUM_THREADS": str(args.threads)}
+    loom = Path(sys.executable).parent / "loom"
+    server = subprocess.Popen(
+        [str(loom), "backend", "--workspace", str(workspace), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    http = requests.Session()
+    http.auth = (settings.backend_user, settings.backend_password)
+    config = ls.label_config(settings.classes)
+    rng = np.random.default_rng(0)
+    out: dict = {"model": str(model_dir), "shapes": {}, "transport": "HTTP /predict"}
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=2).json().get("clicker") == "ready":
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("the backend's click model did not become ready in 10 minutes")
+        task_id = 0
+        for height, width in LATENCY_SHAPES:
+            first, follow = [], []
+            names = []
+            for k in range(args.frames):
+                name = f"bench-{height}x{width}-{k}"
+                write_png(
+                    settings.images_dir / f"{name}.png", render_sample(1000 + k, height, width, 1.0).image
+                )
+                names.append(name)
+            for repeat in range(args.repeats + 1):  # the first pass warms up, not counted
+                for name in names:
+                    task_id += 1
+                    y, x = float(rng.uniform(0.2, 0.8) * height), float(rng.uniform(0.2, 0.8) * width)
+                    click = ls.keypoint_result(x, y, width, height, "hole", True)
+                    body = {
+                        "tasks": [{"id": task_id, "data": {"image_id": name}}],
+                        "label_config": config,
+                        "params": {"context": {"result": [click]}},
+                    }
+                    started = time.perf_counter()
+                    answer = http.post(f"{url}/predict", json=body, timeout=60)
+                    first_ms = 1000 * (time.perf_counter() - started)
+                    second = ls.keypoint_result(x - 3, y + 3, width, height, "hole", False)
+                    body["params"]["context"]["result"] = [click, second]
+                    started = time.perf_counter()
+                    again = http.post(f"{url}/predict", json=body, timeout=60)
+                    follow_ms = 1000 * (time.perf_counter() - started)
+                    if answer.status_code != 200 or again.status_code != 200:
+                        raise RuntimeError(f"/predict answered {answer.status_code} / {again.status_code}")
+                    if repeat:
+                        first.append(first_ms)
+                        follow.append(follow_ms)
+            out["shapes"][f"{height}x{width}"] = {
+                "first_p50": float(np.percentile(first, 50)),
+                "first_p95": float(np.percentile(first, 95)),
+                "follow_p50": float(np.percentile(follow, 50)),
+                "follow_p95": float(np.percentile(follow, 95)),
+                "calls": len(first),
+            }
+        encoded = [
+            json.loads(line)["encoded"] for line in (settings.backend_dir / "interactions.jsonl").open()
+        ]
+        # Every first click ran the backbone and no follow-up did: the cache works through the real path.
+        out["backbone_runs"] = {"first": sum(encoded[0::2]), "follow_up": sum(encoded[1::2])}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return out
+
+
 def format_latency(result: dict) -> str:
     lines = [
         "| frame (H x W) | first click p50 ms | p95 | follow-up p50 ms | p95 | calls |",
@@ -254,6 +368,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency", action="store_true", help="predictor latency instead of NoC")
+    parser.add_argument("--http", action="store_true", help="latency: through a `loom backend` process")
     parser.add_argument("--model", type=Path, help="latency: this clicker folder instead of the pre-trained")
     parser.add_argument("--frames", type=int, default=10, help="latency: frames per shape")
     parser.add_argument("--repeats", type=int, default=3, help="latency: passes over the frames")
@@ -264,7 +379,8 @@ def main() -> None:
     from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
 
     started = time.perf_counter()
-    result = latency(args) if args.latency else noc(args)
+    run = noc if not args.latency else http_latency if args.http else latency
+    result = run(args)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(f"Command: `python {shlex.join(sys.argv)}`  ")
     print(
@@ -273,6 +389,9 @@ def main() -> None:
     )
     if args.latency:
         print(format_latency(result))
+        if "backbone_runs" in result:
+            runs = result["backbone_runs"]
+            print(f"\nbackbone runs: {runs['first']} first clicks, {runs['follow_up']} follow-ups")
     else:
         print(
             f"{result['objects']} objects in {result['images_with_objects']} of the {result['test_images']} "

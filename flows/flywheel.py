@@ -9,6 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from loom.config import load_settings
+from tasks.augment import augment, log_generator
+from tasks.clicker import fine_tune_round_clicker
 from tasks.common import StepClock
 from tasks.ingest import ingest
 from tasks.pseudo_label import pseudo_label
@@ -26,7 +28,8 @@ def flywheel_round(
     review_timeout_s: float | None = None,
     epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Ingest new images from ``source`` (optional), label, review, train, evaluate, promote, version."""
+    """Ingest new images from ``source`` (optional), label, review, teach the click model, augment, train,
+    evaluate, promote, version."""
     settings = load_settings(
         workspace, review_budget=review_budget, review_timeout_s=review_timeout_s, epochs=epochs
     )
@@ -39,6 +42,11 @@ def flywheel_round(
     with clock.step("select"):
         selection = select_for_review(settings, labels)
     review = human_review(settings, labels, selection, clock)
+    with clock.step("fine_tune_clicker"):
+        clicker = fine_tune_round_clicker(settings, round_no)
+    with clock.step("augment"):
+        synthetic = augment(settings, round_no)
+        generator_version = log_generator(settings, round_no, synthetic)
     with clock.step("train"):
         students = [
             train_student(settings, round_no, name, labels.pixel_threshold)
@@ -70,15 +78,28 @@ def flywheel_round(
             "pending_review": review.pending,
             "malformed_annotations": len(review.malformed),
             "auto_accepted": len(selection.auto_accepted),
-            "synthetic": 0,
+            **review.click_counts(),
+            "synthetic": synthetic.total,
+            "synthetic_per_class": synthetic.per_class,
             "train_human": student.n_human,
             "train_pseudo": student.n_pseudo,
+            "train_synthetic": student.n_synthetic,
             "test": evaluation.n_test,
         },
         "metrics": evaluation.metrics,
         "students": {
             s.name: {"metrics": e.metrics, "train_seconds": s.seconds}
             for s, e in zip(students, evaluations, strict=True)
+        },
+        "clicker": asdict(clicker),
+        "augment": {
+            "mode": synthetic.mode,
+            "per_class": synthetic.per_class,
+            "rejected": synthetic.rejected,
+            "model_dir": synthetic.model_dir,
+            "model_version": generator_version,
+            "seconds": synthetic.seconds,
+            "skipped": synthetic.skipped,
         },
         "params": asdict(settings.round),
         "teacher": {"model_version": labels.model_version, "image_threshold": labels.image_threshold},

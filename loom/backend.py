@@ -50,6 +50,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from scipy import ndimage
 from starlette.concurrency import run_in_threadpool
 
+from loom.clicking import champion_clicker_pointer, pretrained_clicker_root
 from loom.config import Settings
 from loom.labelstudio import (
     CLICKER_ID_PREFIX,
@@ -161,15 +162,6 @@ class ImageStore:
 
 
 # ---- the models -------------------------------------------------------------------------------
-
-
-def champion_clicker_pointer(settings: Settings) -> Path:
-    """Written by the round when it promotes a clicker: ``{"version", "model_dir", ...}``."""
-    return settings.clicker_dir / "champion.json"
-
-
-def pretrained_clicker_root(settings: Settings) -> Path:
-    return settings.clicker_dir / "pretrained"
 
 
 class ClickerHolder:

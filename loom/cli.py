@@ -8,13 +8,22 @@ from pathlib import Path
 
 import typer
 
-from loom.config import load_settings
+from loom.config import Settings, load_settings
 
 app = typer.Typer(help="Loom: a data flywheel for fabric defect inspection.", no_args_is_help=True)
 datasets_app = typer.Typer(
     help="Make or convert datasets into the Loom dataset folder layout.", no_args_is_help=True
 )
 app.add_typer(datasets_app, name="datasets")
+clicker_app = typer.Typer(
+    help="Defect-Click, the click model behind the labeling UI's smart key points.", no_args_is_help=True
+)
+app.add_typer(clicker_app, name="clicker")
+augment_app = typer.Typer(
+    help="Synthetic defect image + mask pairs for rare classes (Defect-Gen or copy-paste).",
+    no_args_is_help=True,
+)
+app.add_typer(augment_app, name="augment")
 
 WorkspaceOpt = typer.Option(
     None, "--workspace", "-w", help="Workspace dir (default: $LOOM_WORKSPACE or ./workspace)."
@@ -310,6 +319,213 @@ def datasets_import(
     else:
         raise typer.BadParameter(f"unknown layout {layout!r}; use 'mvtec' or 'folder'")
     typer.echo(f"dataset written to {path}")
+
+
+#: Start names in `loom clicker evaluate --json` (the core calls the empty start "empty"; the table and
+#: the JSON say "nothing", as people reading it do).
+_START_NAMES = {"empty": "nothing", "prelabel": "prelabel"}
+
+
+@clicker_app.command("evaluate")
+def clicker_evaluate(
+    images: Path = typer.Option(..., "--images", help="Folder of images."),
+    masks: Path = typer.Option(
+        ..., "--masks", help="Folder of masks <stem>.png (0 background, >0 defect; binary or class ids)."
+    ),
+    prelabels: Path = typer.Option(
+        None,
+        "--prelabels",
+        help="Pre-annotations in the prediction layout (masks/<stem>.png, optional maps/<stem>.npy).",
+    ),
+    teacher: str = typer.Option(
+        "backbone",
+        "--teacher",
+        help="Teacher run zero-shot over the folder for the pre-annotations when --prelabels is not given "
+        "(backbone, openclip, auto), or none: no pre-annotation start and no teacher-map baseline.",
+    ),
+    model: Path = typer.Option(
+        None,
+        "--model",
+        help="Clicker folder (default: the workspace's champion clicker, else the pre-trained one).",
+    ),
+    methods: list[str] = typer.Option(
+        None,
+        "--methods",
+        help="Methods to compare, comma-separated or repeated: clicker, grabcut, teacher_grow (default all).",
+    ),
+    max_clicks: int = typer.Option(20, "--max-clicks", min=1, help="Clicks per object at most."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: {method: {start: {noc85, noc90, fail20, ...}}, ...}."
+    ),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """NoC (clicks to IoU 85 / 90 %) of the clicker beside GrabCut and the teacher map grown from clicks,
+    on a folder of images + masks, from nothing and from the pre-annotation."""
+    import json
+
+    from loom.clicking import METHODS, clicker_choice, evaluate_folder, format_table
+
+    settings = load_settings(workspace)
+    names = [name.strip() for item in methods or [] for name in item.split(",") if name.strip()]
+    names = names or list(METHODS)
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}", param_hint="'--methods'"
+        )
+    # Only the clicker needs a model; a given one also sets the baselines' zoom crop and click radius.
+    # Without the clicker in the comparison, the pre-trained one is not trained just to be ignored.
+    model_dir = None
+    if model is not None or "clicker" in names:
+        model_dir, why = clicker_choice(settings, model)
+        typer.echo(f"clicker: {why}", err=True)
+    result = evaluate_folder(
+        images,
+        masks,
+        model_dir=model_dir,
+        prelabels_dir=prelabels,
+        teacher=teacher,
+        methods=names,
+        max_clicks=max_clicks,
+        settings=settings,
+    )
+    if not as_json:
+        typer.echo(format_table(result))
+        return
+    summary = {
+        **result,
+        "methods": {
+            method: {_START_NAMES.get(start, start): row for start, row in rows.items()}
+            for method, rows in result["methods"].items()
+        },
+    }
+    typer.echo(json.dumps(summary, default=float))
+
+
+def _defect_gen_cache(settings: Settings) -> Path:
+    """Where Defect-Gen models are cached: the same root as the round's augment step (tasks/augment.py),
+    so a model trained here is reused by the rounds and the other way round."""
+    return settings.stack_dir / "defect-gen"
+
+
+def _check_class(name: str, classes: list[str], learned: dict[str, int], what: str) -> None:
+    """A typer.BadParameter naming the valid classes when ``name`` is unknown or has nothing to learn from."""
+    usable = [c for c in classes if learned.get(c, 0) > 0]
+    if name not in classes:
+        raise typer.BadParameter(
+            f"unknown class {name!r}; valid classes: {', '.join(classes)}", param_hint="'--class'"
+        )
+    if name not in usable:
+        raise typer.BadParameter(
+            f"{what} has no {name!r} defect to learn from; classes it has: {', '.join(usable) or 'none'}",
+            param_hint="'--class'",
+        )
+
+
+@augment_app.command("train")
+def augment_train(
+    images: Path = typer.Option(..., "--images", help="Folder of labeled images, or a Loom dataset folder."),
+    masks: Path = typer.Option(
+        None, "--masks", help="Class masks <stem>.png (default: masks/ beside or inside --images)."
+    ),
+    preset: str = typer.Option(
+        None, "--preset", help="auto (full on a GPU, else cpu), cpu, full or tiny (default params.yaml)."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Train Defect-Gen on labeled defects (or find it cached) and print its model folder."""
+    from loom.augment import instance_counts, load_folder, train_defect_gen
+    from models.defect_gen.config import PRESETS
+
+    settings = load_settings(workspace)
+    name = preset or settings.round.augment_preset
+    if name not in (*PRESETS, "auto"):
+        raise typer.BadParameter(
+            f"unknown preset {name!r}; choose from auto, {', '.join(PRESETS)}", param_hint="'--preset'"
+        )
+    data = load_folder(images, masks, settings.classes)
+    instances = {c: n for c, n in instance_counts(data.masks, data.classes).items() if n}
+    typer.echo(f"defect-gen ({name}): {len(data.images)} images, defect instances {instances}", err=True)
+    model_dir = train_defect_gen(
+        data.images,
+        data.masks,
+        data.classes,
+        _defect_gen_cache(settings),
+        config=None if name == "auto" else name,
+        seed=seed,
+    )
+    typer.echo(str(model_dir))  # alone on stdout: MODEL=$(loom augment train ...)
+
+
+@augment_app.command("generate")
+def augment_generate(
+    class_name: str = typer.Option(..., "--class", help="The defect class to add."),
+    n: int = typer.Option(..., "--n", "-n", min=1, help="Pairs wanted."),
+    normals: Path = typer.Option(
+        ..., "--normals", help="Defect-free images to add defects to (a folder, or a Loom dataset folder)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, classes.json)."),
+    model: Path = typer.Option(
+        None, "--model", help="Defect-Gen folder (default: the newest one `loom augment train` made)."
+    ),
+    mode: str = typer.Option("defect_gen", "--mode", help="defect_gen or copy_paste."),
+    images: Path = typer.Option(None, "--images", help="copy_paste: labeled images to cut defects from."),
+    masks: Path = typer.Option(None, "--masks", help="copy_paste: their class masks <stem>.png."),
+    seed: int = typer.Option(0, "--seed"),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Add N defects of one class to normal images (Defect-Gen or copy-paste) and write the pairs."""
+    from functools import partial
+
+    from loom.augment import (
+        MODES,
+        copy_paste_pairs,
+        generate_pairs,
+        instance_counts,
+        load_folder,
+        load_normals,
+        load_pipeline,
+        newest_model,
+        write_pairs,
+    )
+
+    settings = load_settings(workspace)
+    if mode not in MODES:
+        raise typer.BadParameter(
+            f"unknown mode {mode!r}; choose from {', '.join(MODES)}", param_hint="'--mode'"
+        )
+    # The class is checked against what the model / the labeled set knows before any normal image is read.
+    if mode == "defect_gen":
+        cache = _defect_gen_cache(settings)
+        model_dir = model or newest_model(cache)
+        if model_dir is None:
+            raise FileNotFoundError(
+                f"no Defect-Gen model under {cache}: run `loom augment train` or pass --model"
+            )
+        pipeline = load_pipeline(model_dir)  # cached: generate_pairs below reuses it
+        classes = list(pipeline.class_names)
+        learned = {c: int(pipeline.stats.get(c, {}).get("instances", 0)) for c in classes}
+        _check_class(class_name, classes, learned, f"the model {model_dir}")
+        typer.echo(f"defect-gen model: {model_dir}", err=True)
+        make = partial(generate_pairs, model_dir, class_name, n, seed=seed)
+    else:
+        if images is None:
+            raise typer.BadParameter("copy_paste needs labeled defects to cut", param_hint="'--images'")
+        data = load_folder(images, masks, settings.classes)
+        classes = data.classes
+        _check_class(class_name, classes, instance_counts(data.masks, classes), f"the labeled set {images}")
+        class_id = classes.index(class_name) + 1
+        make = partial(copy_paste_pairs, data.images, data.masks, class_id, n, seed=seed)
+    normal_images = load_normals(normals, settings.classes)
+    if not normal_images:
+        raise FileNotFoundError(f"no defect-free images in {normals} to add defects to")
+    pairs, counts = make(normals=normal_images)
+    names = [f"{mode}-{class_name}-s{seed}-{k:04d}" for k in range(len(pairs))]
+    write_pairs(out, pairs, names, classes)
+    rejected = ", ".join(f"{reason} {count}" for reason, count in counts.items() if reason != "accepted")
+    typer.echo(f"{len(pairs)} of {n} {class_name} pairs ({mode}) written to {out}")
+    typer.echo(f"accepted {counts.get('accepted', len(pairs))}; rejected: {rejected or 'none'}")
 
 
 #: Errors whose message already says what went wrong and what to do: shown without a traceback

@@ -5,6 +5,8 @@
   named by a hash of (configuration, data recipe, code version); a second call returns that folder.
 - :func:`fine_tune_clicker` continues from a saved clicker on a round's objects (people's masks with the
   pre-annotations they corrected), with fewer steps and a lower learning rate.
+- :func:`resolve_clicker` picks a workspace's clicker as the ML backend does: the champion a round promoted
+  (``clicker/champion.json``), else the pre-trained one (``clicker/pretrained/``).
 - :func:`evaluate_folder` computes the NoC table of the clicker and the baselines (GrabCut, teacher map
   grown from the clicks) on any folder of images + masks, from nothing and from pre-annotations (given, or
   computed with the project's teacher zero-shot over the folder).
@@ -231,6 +233,54 @@ def load_clicker(model_dir: Path) -> ClickSegmenter:
     return ClickSegmenter.from_pretrained(model_dir)
 
 
+# ---- which clicker a workspace uses ----------------------------------------------------------------
+
+
+def champion_clicker_pointer(settings: Settings) -> Path:
+    """Written by the round when it promotes a clicker: ``{"version", "model_dir", ...}``."""
+    return settings.clicker_dir / "champion.json"
+
+
+def pretrained_clicker_root(settings: Settings) -> Path:
+    """Cache folder of the workspace's pre-trained clickers (the backend, the round and the CLI share it)."""
+    return settings.clicker_dir / "pretrained"
+
+
+def clicker_choice(settings: Settings, model: Path | None = None) -> tuple[Path, str]:
+    """(model folder, which clicker and why): ``model`` if given, else the champion a round promoted, else
+    the pre-trained one (``settings.round.clicker_preset``; trained on the first call, then cached).
+
+    Raises:
+        FileNotFoundError: ``model`` or the champion's folder is not a saved clicker.
+        ValueError: the champion pointer cannot be read (a broken pointer is reported rather than silently
+            replaced by the pre-trained clicker, which would make an evaluation measure another model).
+    """
+    if model is not None:
+        model_dir, why = Path(model), f"given clicker {model}"
+    else:
+        pointer = champion_clicker_pointer(settings)
+        if pointer.is_file():
+            try:
+                record = json.loads(pointer.read_text())
+                model_dir = Path(record["model_dir"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{pointer} is not a champion pointer with a model_dir: {exc}") from exc
+            why = f"workspace champion clicker v{record.get('version', '?')} ({model_dir})"
+        else:
+            preset = settings.round.clicker_preset
+            model_dir = pretrain_clicker(pretrained_clicker_root(settings), config=preset)
+            why = f"pre-trained clicker ({preset}) {model_dir}"
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a saved clicker (no config.json): {why}")
+    log.debug("clicker: %s", why)  # callers show `why` themselves (the CLI on stderr)
+    return model_dir, why
+
+
+def resolve_clicker(settings: Settings, model: Path | None = None) -> Path:
+    """The clicker folder :func:`clicker_choice` picks (given, champion, else pre-trained)."""
+    return clicker_choice(settings, model)[0]
+
+
 def fine_tune_clicker(
     base_dir: Path,
     objects: Sequence[ClickObject | NocObject],
@@ -332,6 +382,8 @@ def read_folder(
     from loom.imageio import read_image, read_mask
     from loom.runner import IMAGE_SUFFIXES
 
+    if not Path(images_dir).is_dir():
+        raise FileNotFoundError(f"{images_dir} is not a folder of images")
     paths = sorted(
         p for p in Path(images_dir).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
@@ -423,6 +475,9 @@ def evaluate_folder(
         "images", "objects", "prelabels", "model", "max_clicks", "fail_threshold"}``.
     """
     stems, images, masks = read_folder(images_dir, masks_dir)
+    if not any(mask is not None and mask.any() for mask in masks):
+        # Checked before the teacher runs: every NoC row would be empty, so say why instead.
+        raise ValueError(f"the masks in {masks_dir} hold no defect pixels: there is nothing to click on")
     prelabels: Prelabels | None = None
     if prelabels_dir is not None:
         prelabels = read_prelabels(prelabels_dir, stems, [image.shape[:2] for image in images])

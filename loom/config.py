@@ -73,6 +73,7 @@ class Settings:
     project_title: str = "Loom fabric inspection"
     registered_model: str = "loom-student"
     registered_clicker: str = "loom-clicker"
+    registered_generator: str = "loom-defect-gen"
     ports: Ports = field(default_factory=Ports)
     round: RoundParams = field(default_factory=RoundParams)
 

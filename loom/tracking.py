@@ -90,8 +90,8 @@ def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     return client.create_experiment(EXPERIMENT_NAME, artifact_location=settings.mlflow_artifacts_dir.as_uri())
 
 
-def _check_student_dir(model_dir: Path) -> None:
-    missing = [name for name in STUDENT_FILES if not (model_dir / name).is_file()]
+def _check_student_dir(model_dir: Path, required: tuple[str, ...] = STUDENT_FILES) -> None:
+    missing = [name for name in required if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f"student folder {model_dir} lacks {', '.join(missing)}; "
@@ -119,6 +119,7 @@ def log_round(
     tags: Mapping[str, str] | None = None,
     run_name: str | None = None,
     registered: str | None = None,
+    required: tuple[str, ...] = STUDENT_FILES,
 ) -> RoundRun:
     """Log one round as an MLflow run and register its student as a new model version.
 
@@ -132,13 +133,14 @@ def log_round(
         tags: extra run tags.
         run_name: defaults to ``round-NNNN``.
         registered: the registered model's name (default ``settings.registered_model``, the student;
-            the click model is ``settings.registered_clicker``).
+            the click model is ``settings.registered_clicker``, Defect-Gen ``settings.registered_generator``).
+        required: files ``model_dir`` must hold (a student's or the click model's by default).
 
     Returns:
         The run id, the registered model version and the experiment id.
     """
     model_dir = Path(model_dir)
-    _check_student_dir(model_dir)
+    _check_student_dir(model_dir, required)
     name = registered or settings.registered_model
     client = _connect(settings)
     experiment_id = _experiment_id(client, settings)
@@ -166,6 +168,21 @@ def log_round(
         version,
     )
     return RoundRun(run_id=run.info.run_id, model_version=version, experiment_id=experiment_id)
+
+
+def version_tagged(settings: Settings, registered: str, key: str, value: str) -> str | None:
+    """The registered version of ``registered`` whose tag ``key`` is ``value`` (a model logged before)."""
+    client = _connect(settings)
+    try:
+        versions = client.search_model_versions(f"name='{registered}'")
+    except MlflowException:
+        return None
+    found = [v for v in versions if (v.tags or {}).get(key) == value]
+    return str(found[0].version) if found else None
+
+
+def tag_version(settings: Settings, registered: str, version: str, key: str, value: str) -> None:
+    _connect(settings).set_model_version_tag(registered, str(version), key, value)
 
 
 # ---- champion ------------------------------------------------------------------------------------------
@@ -228,6 +245,20 @@ def promote_if_better(
         promoted = better
         reason = f"{metric} {float(new_value):.4f} {relation} champion v{current.version} ({old_value:.4f})"
 
+    return _record_decision(client, name, version, promoted, reason)
+
+
+def decide_champion(
+    settings: Settings, version: str, promoted: bool, reason: str, registered: str | None = None
+) -> bool:
+    """Record on ``version`` a decision the caller took (having measured both models in the same run):
+    the ``champion`` alias when ``promoted``, the tags ``promoted`` and ``promotion_reason`` either way."""
+    return _record_decision(
+        _connect(settings), registered or settings.registered_model, str(version), promoted, reason
+    )
+
+
+def _record_decision(client: MlflowClient, name: str, version: str, promoted: bool, reason: str) -> bool:
     if promoted:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     client.set_model_version_tag(name, version, "promoted", str(promoted).lower())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -49,6 +50,7 @@ class TrainedStudent:
     n_pseudo: int
     seconds: float
     history: list[dict]
+    n_synthetic: int = 0
 
 
 @dataclass
@@ -60,8 +62,9 @@ class Evaluation:
 
 def training_samples(
     settings: Settings, round_no: int, teacher_threshold: float | None = None
-) -> tuple[list, int, int]:
-    """(image, mask, weight[, teacher map]) for human-labeled and auto-accepted train images.
+) -> tuple[list, int, int, int]:
+    """(image, mask, weight[, teacher map]) for human-labeled, auto-accepted and synthetic train images,
+    with the counts of each kind.
 
     The test split never enters. With `teacher_threshold` (the teacher's pixel threshold) auto-accepted
     images also carry the teacher's anomaly map as a probability, for students that distil from it.
@@ -71,6 +74,8 @@ def training_samples(
     human = train[train["label_source"] == "human"]
     pseudo = train[(train["label_source"] == "pseudo") & (train["review_state"] == "auto_accepted")]
     synthetic = train[train["label_source"] == "synthetic"]
+    # Each round's generator learned from more people's defects than the last: only its pairs train.
+    synthetic = synthetic[synthetic["round"] == synthetic["round"].max()] if len(synthetic) else synthetic
     n_classes = len(settings.classes)
     defect_id = settings.class_index("defect")
     samples = []
@@ -95,7 +100,7 @@ def training_samples(
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(synthetic_mask_path(settings, row["path"]), n_classes, hw)
         samples.append((image_of(settings, row), mask, SOURCE_WEIGHTS["synthetic"]))
-    return samples, len(human), len(pseudo)
+    return samples, len(human), len(pseudo), len(synthetic)
 
 
 def synthetic_mask_path(settings: Settings, image_path: str) -> Path:
@@ -111,13 +116,17 @@ def train_student(
     """Train student `name` (default: the first of `round.students`) and save it under models/."""
     name = name or settings.round.students[0]
     distils = getattr(LOSSES[name], "distills", False)  # a ClassVar: no model needs building to know
-    samples, n_human, n_pseudo = training_samples(settings, round_no, teacher_threshold if distils else None)
+    samples, n_human, n_pseudo, n_synthetic = training_samples(
+        settings, round_no, teacher_threshold if distils else None
+    )
     if not samples:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
     model_dir = settings.models_dir / f"round-{round_no:04d}" / name
     student = fit_student(settings, name, samples, model_dir, {"round": round_no})
-    student.n_human, student.n_pseudo = n_human, n_pseudo
-    task_logger().info("%s trained on %d human + %d pseudo masks", name, n_human, n_pseudo)
+    student.n_human, student.n_pseudo, student.n_synthetic = n_human, n_pseudo, n_synthetic
+    task_logger().info(
+        "%s trained on %d human + %d pseudo + %d synthetic masks", name, n_human, n_pseudo, n_synthetic
+    )
     return student
 
 
@@ -134,6 +143,7 @@ def fit_student(
     """Train student `name` on (image, mask, weight[, teacher map]) samples and save it to `model_dir`."""
     log = task_logger()
     rp = settings.round
+    torch.manual_seed(rp.seed)  # the head's initial weights: the same seed gives the same student
     model = _build(settings, name)
     loss_fn = build_loss(name, model)
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))

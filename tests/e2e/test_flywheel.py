@@ -37,6 +37,11 @@ TINY_ROUND = {
     "batch_size": 8,
     "students": ["bafpn", "cfa"],  # a supervised segmenter and an anomaly scorer, side by side
     "teacher_shots": 2,
+    "clicker_fine_tune_steps": 25,  # the tiny click model of the test stack
+    # The round's synthetic path with pairs that always pass (the tiny Defect-Gen of a test draws mostly
+    # rejects; its training, caching and registry entry are tested in tests/integration/test_round_stages.py).
+    "augment": "copy_paste",
+    "synthetic_per_round": 6,
 }
 
 
@@ -156,6 +161,42 @@ def test_mlflow_has_one_run_per_round_and_a_champion(flywheel):
     assert "overlays/per_class_iou.png" in logged and any(p.startswith("overlays/test_") for p in logged)
     champion = client.get_model_version_by_alias(settings.registered_model, "champion")
     assert champion.run_id in run_ids
+
+
+def test_synthetic_pairs_are_made_versioned_and_trained_on(flywheel):
+    settings = flywheel["settings"]
+    first = flywheel["records"][0]
+    counts = first["counts"]
+    assert counts["synthetic"] == sum(counts["synthetic_per_class"].values()) > 0, first["augment"]
+    assert set(counts["synthetic_per_class"]) <= set(settings.classes)
+    assert counts["train_synthetic"] == counts["synthetic"]  # the student saw this round's pairs
+    files = [p for p in flywheel["hashes1"] if p.startswith("synthetic/round-0001/images/")]
+    assert len(files) == counts["synthetic"]  # so the round-0001 tag restores them (test below)
+    df = manifest.load(settings.manifest_path)
+    synthetic = df[df["label_source"] == "synthetic"]
+    assert set(synthetic["split"]) == {"train"}
+    assert len(synthetic[synthetic["round"] == 1]) == counts["synthetic"]
+
+
+def test_the_click_model_is_fine_tuned_and_judged_every_round(flywheel):
+    settings = flywheel["settings"]
+    client = MlflowClient(
+        tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri
+    )
+    tuned = [r["clicker"] for r in flywheel["records"] if r["clicker"]["version"]]
+    assert tuned, [r["clicker"]["reason"] for r in flywheel["records"]]
+    for clicker in tuned:
+        version = client.get_model_version(settings.registered_clicker, clicker["version"])
+        assert version.tags["promoted"] == str(clicker["promoted"]).lower()
+        assert "NoC@85" in version.tags["promotion_reason"]
+        better = clicker["metrics"]["tuned_noc85"] < clicker["metrics"]["base_noc85"]
+        assert clicker["promoted"] == better
+    pointer = settings.clicker_dir / "champion.json"
+    if any(c["promoted"] for c in tuned):
+        champion = client.get_model_version_by_alias(settings.registered_clicker, "champion")
+        assert json.loads(pointer.read_text())["version"] == champion.version
+    else:
+        assert not pointer.exists()
 
 
 def test_label_studio_holds_predictions_and_annotations_without_duplicates(flywheel):

@@ -1,0 +1,213 @@
+"""`loom clicker evaluate` and `loom augment train|generate` through the CLI (tiny models, CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import Result
+from typer.testing import CliRunner
+
+from loom.cli import app
+from loom.clicking import (
+    champion_clicker_pointer,
+    clicker_choice,
+    pretrain_clicker,
+    pretrained_clicker_root,
+    resolve_clicker,
+)
+from loom.config import load_settings
+from loom.datasets.fabric import render_sample
+from loom.imageio import read_image, read_mask, write_mask, write_png
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SIZE = 64
+#: Seeds 0-3 at 64 px hold two misweave instances, one stain and one knot (one defect per image).
+DEFECT_SEEDS = range(4)
+CLASS = "misweave"
+# Wide enough that rich never wraps the error box in the middle of the class list.
+runner = CliRunner(env={"COLUMNS": "240"})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """images/ + masks/ (class ids) of defect images, prelabels/masks/ (their exact binary masks) and
+    normal_set/images/ (defect-free; its own folder, so load_normals finds no masks/ beside it)."""
+    root = tmp_path_factory.mktemp("cli-data")
+    for seed in DEFECT_SEEDS:
+        sample = render_sample(seed, SIZE, SIZE, defect_prob=1.0)
+        write_png(root / "images" / f"d{seed}.png", sample.image)
+        write_mask(root / "masks" / f"d{seed}.png", sample.mask)
+        write_mask(root / "prelabels" / "masks" / f"d{seed}.png", (sample.mask > 0).astype(np.uint8))
+    for seed in range(3):
+        write_png(
+            root / "normal_set" / "images" / f"n{seed}.png", render_sample(100 + seed, SIZE, SIZE, 0.0).image
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace whose pre-trained clicker is the tiny one (so the fallback needs no long training)."""
+    ws = tmp_path_factory.mktemp("cli-ws") / "ws"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump({"round": {"clicker_preset": "tiny"}}))
+    return ws
+
+
+@pytest.fixture(scope="module")
+def tiny_clicker(workspace: Path) -> Path:
+    """The tiny pre-trained clicker, cached where the workspace looks for its pre-trained one (~3 s)."""
+    settings = load_settings(workspace)
+    return pretrain_clicker(pretrained_clicker_root(settings), config="tiny")
+
+
+def _labeled(data: Path) -> list[str]:
+    return ["--images", str(data / "images"), "--masks", str(data / "masks")]
+
+
+def _evaluate(data: Path, workspace: Path, *extra: str) -> dict:
+    args = ["clicker", "evaluate", *_labeled(data)]
+    result = runner.invoke(app, [*args, "--teacher", "none", "--json", "--workspace", str(workspace), *extra])
+    assert result.exit_code == 0, result.output
+    return {"json": json.loads(result.stdout), "stderr": result.stderr}
+
+
+def _check_rows(rows: dict, starts: set[str]) -> None:
+    assert set(rows) == starts
+    for start, row in rows.items():
+        low = 1 if start == "nothing" else 0  # a pre-annotation may already meet the threshold
+        assert low <= row["noc85"] <= row["noc90"] <= 20, (start, row)
+        assert 0.0 <= row["fail20"] <= 1.0 and row["objects"] == 4, (start, row)
+
+
+def test_clicker_evaluate_grabcut_json_and_table(data: Path, workspace: Path) -> None:
+    out = _evaluate(data, workspace, "--methods", "grabcut")
+    result = out["json"]
+    assert set(result["methods"]) == {"grabcut"} and result["max_clicks"] == 20
+    assert result["objects"] == 4 and result["prelabels"] is None and result["model"] is None
+    _check_rows(result["methods"]["grabcut"], {"nothing"})  # teacher none, no --prelabels: one start
+    assert "clicker:" not in out["stderr"]  # no clicker in the comparison: none resolved (or trained)
+
+    # With pre-annotations (here the exact masks) the second start appears, at 0 clicks.
+    prelabels = ["--prelabels", str(data / "prelabels")]
+    result = _evaluate(data, workspace, "--methods", "grabcut", *prelabels)["json"]
+    _check_rows(result["methods"]["grabcut"], {"nothing", "prelabel"})
+    assert result["methods"]["grabcut"]["prelabel"]["noc90"] == 0.0
+
+    options = ["--teacher", "none", "--methods", "grabcut", "--max-clicks", "5"]
+    table = runner.invoke(
+        app, ["clicker", "evaluate", *_labeled(data), *options, "--workspace", str(workspace)]
+    )
+    assert table.exit_code == 0, table.output
+    assert "fail@5" in table.stdout and "| GrabCut | nothing |" in table.stdout
+
+
+def test_clicker_evaluate_with_a_given_tiny_clicker(data: Path, workspace: Path, tiny_clicker: Path) -> None:
+    options = ["--methods", "clicker,grabcut", "--model", str(tiny_clicker)]
+    out = _evaluate(data, workspace, *options, "--prelabels", str(data / "prelabels"))
+    assert f"given clicker {tiny_clicker}" in out["stderr"]
+    result = out["json"]
+    assert set(result["methods"]) == {"clicker", "grabcut"} and result["model"] == str(tiny_clicker)
+    for rows in result["methods"].values():
+        _check_rows(rows, {"nothing", "prelabel"})
+
+
+def test_unknown_method_is_refused(data: Path, workspace: Path) -> None:
+    args = ["clicker", "evaluate", *_labeled(data)]
+    result = runner.invoke(app, [*args, "--methods", "sam", "--workspace", str(workspace)])
+    assert result.exit_code != 0 and "grabcut" in result.output
+
+
+def test_clicker_resolution_given_champion_pretrained(
+    workspace: Path, tiny_clicker: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(workspace)
+    # No champion yet: the pre-trained clicker of the workspace's preset (cached by the fixture).
+    assert resolve_clicker(settings, None) == tiny_clicker
+    champion = shutil.copytree(tiny_clicker, tmp_path / "champion")
+    pointer = champion_clicker_pointer(settings)
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pointer.write_text(json.dumps({"version": "3", "model_dir": str(champion), "round": 2}))
+        model_dir, why = clicker_choice(settings, None)
+        assert model_dir == champion and "champion" in why and "v3" in why
+        assert resolve_clicker(settings, tiny_clicker) == tiny_clicker  # --model wins over the champion
+        pointer.write_text("{not json")
+        with pytest.raises(ValueError, match="champion pointer"):
+            resolve_clicker(settings, None)
+    finally:
+        pointer.unlink()
+    with pytest.raises(FileNotFoundError, match="not a saved clicker"):
+        resolve_clicker(settings, tmp_path)
+
+
+def _check_pairs(out: Path, count: int, class_id: int) -> None:
+    """``count`` image + mask pairs of the normals' size; mask values 0 or ``class_id`` only."""
+    images = sorted((out / "images").glob("*.png"))
+    masks = sorted((out / "masks").glob("*.png"))
+    assert [p.name for p in images] == [p.name for p in masks] and len(images) == count
+    classes = json.loads((out / "classes.json").read_text())
+    for image_path, mask_path in zip(images, masks, strict=True):
+        assert read_image(image_path).shape == (SIZE, SIZE, 3)
+        mask = read_mask(mask_path, len(classes))
+        assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, class_id}
+        assert (mask == class_id).any()
+
+
+def _generate(data: Path, workspace: Path, out: Path, *extra: str) -> tuple[int, str]:
+    args = ["augment", "generate", "--n", "2", "--normals", str(data / "normal_set" / "images")]
+    result = runner.invoke(app, [*args, "--out", str(out), "--workspace", str(workspace), *extra])
+    assert result.exit_code == 0, result.output
+    made = re.search(r"^(\d+) of 2 \w+ pairs", result.stdout, re.MULTILINE)
+    assert made and "accepted" in result.stdout and "rejected" in result.stdout, result.stdout
+    return int(made.group(1)), result.stderr
+
+
+def test_augment_train_then_generate(data: Path, workspace: Path, tmp_path: Path) -> None:
+    settings = load_settings(workspace)
+    args = ["augment", "train", *_labeled(data)]
+    trained = runner.invoke(app, [*args, "--preset", "tiny", "--workspace", str(workspace)])
+    assert trained.exit_code == 0, trained.output
+    model = Path(trained.stdout.strip())  # the model folder alone on stdout
+    assert (model / "training.json").is_file() and settings.stack_dir / "defect-gen" in model.parents
+
+    class_id = settings.classes.index(CLASS) + 1
+    made, _ = _generate(data, workspace, tmp_path / "given", "--class", CLASS, "--model", str(model))
+    # A tiny, barely trained model may have every sample rejected; whatever it accepts must be right.
+    _check_pairs(tmp_path / "given", made, class_id)
+    made, stderr = _generate(data, workspace, tmp_path / "newest", "--class", CLASS)  # the newest cached
+    assert f"defect-gen model: {model}" in stderr
+    _check_pairs(tmp_path / "newest", made, class_id)
+
+
+def test_augment_copy_paste(data: Path, workspace: Path, tmp_path: Path) -> None:
+    labeled = _labeled(data)
+    made, _ = _generate(data, workspace, tmp_path / "cp", "--mode", "copy_paste", "--class", CLASS, *labeled)
+    assert made == 2
+    _check_pairs(tmp_path / "cp", 2, load_settings(workspace).classes.index(CLASS) + 1)
+
+
+def test_augment_bad_class_and_preset_are_refused(data: Path, workspace: Path, tmp_path: Path) -> None:
+    def generate(name: str) -> Result:
+        normals = ["--normals", str(data / "normal_set" / "images"), "--out", str(tmp_path / "x")]
+        options = ["--class", name, "--n", "1", *normals, "--mode", "copy_paste", *_labeled(data)]
+        return runner.invoke(app, ["augment", "generate", *options, "--workspace", str(workspace)])
+
+    unknown = generate("scratch")
+    assert unknown.exit_code != 0 and "scratch" in unknown.output
+    assert all(name in unknown.output for name in load_settings(workspace).classes), unknown.output
+    # A known class the labeled set has no example of: nothing to cut, said so with the usable classes.
+    absent = generate("hole")
+    assert absent.exit_code != 0 and "misweave" in absent.output and "hole" in absent.output
+    assert not (tmp_path / "x").exists()
+    preset = runner.invoke(
+        app, ["augment", "train", *_labeled(data), "--preset", "huge", "--workspace", str(workspace)]
+    )
+    assert preset.exit_code != 0 and "tiny" in preset.output
