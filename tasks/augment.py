@@ -19,7 +19,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loom import manifest, tracking
-from loom.augment import TRAINING_REPORT, instance_counts, sample_grid, synthesise, train_defect_gen
+from loom.augment import (
+    TRAINING_REPORT,
+    Scorer,
+    instance_counts,
+    sample_grid,
+    synthesise,
+    train_defect_gen,
+)
 from loom.config import Settings
 from loom.imageio import write_mask, write_png
 from tasks.common import class_names, human_mask_of, image_of, load_manifest, save_manifest, task_logger
@@ -63,6 +70,17 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
     return images, masks, normals
 
 
+def teacher_scorer(settings: Settings, normals: list[np.ndarray], references: int = 16) -> Scorer:
+    """The backbone teacher with a few of the line's normal images as references: a generated defect it does
+    not see at all (no higher score inside the mask than around it) is rejected as ``unseen``."""
+    from loom.teachers import build_teacher
+
+    model, _ = build_teacher(settings, "backbone")
+    refs = normals[:references]
+    model.fit(refs, refs)
+    return lambda image: model.predict([image])[0].anomaly_map
+
+
 @task(name="augment", cache_policy=NO_CACHE)
 def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     """Generate ``round.synthetic_per_round`` pairs over the labeled classes (most for the rarest)."""
@@ -90,6 +108,8 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
             seed=rp.seed,
         )
         train_seconds = time.perf_counter() - started
+    # The teacher needs two references at least; with fewer, samples are judged on their masks alone.
+    scorer = teacher_scorer(settings, normals) if rp.augment == "defect_gen" and len(normals) > 1 else None
     made = synthesise(
         rp.augment,
         images,
@@ -99,6 +119,7 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
         rp.synthetic_per_round,
         seed=rp.seed + round_no,  # new places and noise every round
         model_dir=model_dir,
+        scorer=scorer,
     )
     made.seconds["train"] = train_seconds
     out = settings.synthetic_dir / f"round-{round_no:04d}"

@@ -1,7 +1,7 @@
 """Settings of Defect-Gen: the two networks, the shared noise schedule, training and sampling.
 
 Three presets: ``tiny`` (unit tests, seconds), ``cpu`` (a round on 2 CPU cores in minutes: 64 px crops,
-small networks, a few hundred steps) and ``full`` (a GPU: 96 px crops, wider and deeper networks, thousands
+small networks, a few hundred steps, at most 150 s) and ``full`` (a GPU: 96 px crops, wider and deeper networks, thousands
 of steps, bf16 autocast). :func:`preset` with no name picks ``full`` when CUDA is present, else ``cpu``.
 """
 
@@ -147,7 +147,9 @@ PRESETS: dict[str, DefectGenConfig] = {
         batch_size_sample=8,
         name="tiny",
     ),
-    "cpu": DefectGenConfig(name="cpu"),
+    # 400 + 400 steps take ~30 min on 2 busy cores: a round caps them at 150 s (a warm start from the
+    # last round's model continues where it stopped); BENCHMARKS.md measures what that costs in quality.
+    "cpu": DefectGenConfig(max_train_seconds=150.0, name="cpu"),
     "full": DefectGenConfig(
         crop_size=96,
         region_size=64,

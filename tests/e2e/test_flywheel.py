@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -37,7 +38,8 @@ TINY_ROUND = {
     "batch_size": 8,
     "students": ["bafpn", "cfa"],  # a supervised segmenter and an anomaly scorer, side by side
     "teacher_shots": 2,
-    "clicker_fine_tune_steps": 25,  # the tiny click model of the test stack
+    "clicker_preset": "tiny",  # the test stack's click model (tests/conftest.py)
+    "clicker_fine_tune_steps": 25,
     # The round's synthetic path with pairs that always pass (the tiny Defect-Gen of a test draws mostly
     # rejects; its training, caching and registry entry are tested in tests/integration/test_round_stages.py).
     "augment": "copy_paste",
@@ -293,6 +295,37 @@ def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
     record = json.loads((settings.round_dir(5) / "round.json").read_text())
     assert record["prefect_flow_run_id"] == str(run.id)
     assert record["counts"]["sent_to_review"] == 0
+
+
+def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel):
+    """Label Studio's "train" (here POST /train on the backend) starts the clicker-fine-tune deployment;
+    the request returns at once and the worker does the training."""
+    import requests
+    from prefect.client.orchestration import get_client
+
+    from loom import stack
+    from loom.runner import prefect_api
+
+    settings = flywheel["settings"]
+    stack.deploy(settings)
+    answer = requests.post(
+        f"{settings.backend_url}/train",
+        json={},
+        auth=(settings.backend_user, settings.backend_password),
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    run_id = answer.json()["flow_run_id"]
+    with prefect_api(settings), get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 600
+        run = client.read_flow_run(run_id)
+        while not run.state.is_final() and time.monotonic() < deadline:
+            time.sleep(2)
+            run = client.read_flow_run(run_id)
+    assert run.state.is_completed(), f"fine-tuning run ended {run.state}"
+    mlflow_client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    runs = [v.run_id for v in mlflow_client.search_model_versions(f"name='{settings.registered_clicker}'")]
+    assert len(runs) > sum(1 for r in flywheel["records"] if r["clicker"]["version"])
 
 
 def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settings, tmp_path, monkeypatch):
