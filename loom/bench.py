@@ -27,14 +27,16 @@ def report(workspace: Path) -> str:
     records = [json.loads(p.read_text()) for p in sorted((workspace / "rounds").glob("*/round.json"))]
     lines = [f"Machine: {machine()}", ""]
     lines += [
-        "| round | ingested | reviewed | auto-accepted | pre-label IoU | mIoU | pixel AUROC | AUPRO@0.3 "
-        "| image AUROC | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| round | ingested | reviewed | clicks / reviewed image | painted | synthetic | auto-accepted "
+        "| pre-label IoU | mIoU | pixel AUROC | AUPRO@0.3 | image AUROC | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, rec in zip(summary["rounds"], records, strict=False):
-        m = rec["metrics"]
+        m, c = rec["metrics"], rec["counts"]
         lines.append(
-            f"| {row['round']} | {row['ingested']} | {row['reviewed']} | {row['auto_accepted']} "
+            f"| {row['round']} | {row['ingested']} | {row['reviewed']} "
+            f"| {c.get('clicks_per_reviewed', float('nan')):.2f} | {c.get('painted_images', 0)} "
+            f"| {c.get('synthetic', 0)} | {row['auto_accepted']} "
             f"| {row.get('prelabel_iou', float('nan')):.3f} "
             f"| {m.get('miou', 0):.3f} "
             f"| {m.get('pixel_auroc', 0):.3f} | {m.get('aupro_0.3', 0):.3f} | {m.get('image_auroc', 0):.3f} "
@@ -48,6 +50,14 @@ def report(workspace: Path) -> str:
     for step in summary["step_seconds"][0]:  # in the order the round ran them
         lines.append(
             f"| {step} | " + " | ".join(f"{s.get(step, 0):.1f} s" for s in summary["step_seconds"]) + " |"
+        )
+    lines += ["", "| round | synthetic per class | rejected | click model |", "|---|---|---|---|"]
+    for rec in records:
+        made, clicker = rec.get("augment", {}), rec.get("clicker", {})
+        decision = "promoted" if clicker.get("promoted") else "kept the previous one"
+        lines.append(
+            f"| {rec['round']} | {made.get('per_class', {})} | {made.get('rejected', {})} "
+            f"| {clicker.get('reason') or '-'}: {decision} |"
         )
     lines += [
         "",

@@ -90,7 +90,8 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     log = task_logger()
     df = load_manifest(settings)
     pool = manifest.usable(df)
-    pool = pool[pool["split"] == "train"]
+    # Synthetic pairs carry their own exact masks: the teacher neither labels them nor learns from them.
+    pool = pool[(pool["split"] == "train") & (pool["label_source"] != "synthetic")]
     if pool.empty:
         raise ValueError(
             f"pseudo-label: no usable train images in {settings.manifest_path}; ingest images first"
