@@ -70,6 +70,20 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
     return images, masks, normals
 
 
+def augment_mode(setting: str) -> str:
+    """``round.augment`` as a mode: ``auto`` is Defect-Gen where CUDA is present, else copy-paste.
+
+    Measured on 2 CPU cores (BENCHMARKS.md, Defect-Gen): the cpu preset's 150 s of training per round gives
+    almost no sample that passes the rejection checks, so without a GPU the round spends nothing on it
+    unless ``defect_gen`` is asked for by name.
+    """
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "defect_gen" if torch.cuda.is_available() else "copy_paste"
+
+
 def teacher_scorer(settings: Settings, normals: list[np.ndarray], references: int = 16) -> Scorer:
     """The backbone teacher with a few of the line's normal images as references: a generated defect it does
     not see at all (no higher score inside the mask than around it) is rejected as ``unseen``."""
@@ -86,18 +100,19 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     """Generate ``round.synthetic_per_round`` pairs over the labeled classes (most for the rarest)."""
     log = task_logger()
     rp = settings.round
-    if rp.augment == "none" or rp.synthetic_per_round <= 0:
+    mode = augment_mode(rp.augment)
+    if mode == "none" or rp.synthetic_per_round <= 0:
         return AugmentOutcome("none", skipped="augmentation is off (round.augment)")
     images, masks, normals = human_train_set(settings)
     if not images or not normals:
         why = f"{len(images)} labeled defect images and {len(normals)} normal images: nothing to learn from"
         log.info("augment: skipped, %s", why)
-        return AugmentOutcome(rp.augment, skipped=why)
+        return AugmentOutcome(mode, skipped=why)
     instances = instance_counts(masks, settings.classes)
-    log.info("augment (%s): %d labeled defect images, instances %s", rp.augment, len(images), instances)
+    log.info("augment (%s): %d labeled defect images, instances %s", mode, len(images), instances)
     started = time.perf_counter()
     model_dir, train_seconds = None, 0.0
-    if rp.augment == "defect_gen":
+    if mode == "defect_gen":
         # Trained with the round's fixed seed: the cache key then changes only when people's labels do.
         model_dir = train_defect_gen(
             images,
@@ -109,9 +124,9 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
         )
         train_seconds = time.perf_counter() - started
     # The teacher needs two references at least; with fewer, samples are judged on their masks alone.
-    scorer = teacher_scorer(settings, normals) if rp.augment == "defect_gen" and len(normals) > 1 else None
+    scorer = teacher_scorer(settings, normals) if mode == "defect_gen" and len(normals) > 1 else None
     made = synthesise(
-        rp.augment,
+        mode,
         images,
         masks,
         settings.classes,
@@ -134,7 +149,7 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
                 "path": str((out / "images" / f"{stem}.png").relative_to(settings.data_dir)),
                 "width": mask.shape[1],
                 "height": mask.shape[0],
-                "source": rp.augment,
+                "source": mode,
                 "split": "train",
                 "round": round_no,
                 "label_source": "synthetic",
@@ -159,7 +174,7 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
         rejected,
     )
     return AugmentOutcome(
-        rp.augment,
+        mode,
         per_class=per_class,
         rejected=rejected,
         model_dir=str(made.model_dir) if made.model_dir else None,

@@ -211,3 +211,15 @@ def test_augment_bad_class_and_preset_are_refused(data: Path, workspace: Path, t
         app, ["augment", "train", *_labeled(data), "--preset", "huge", "--workspace", str(workspace)]
     )
     assert preset.exit_code != 0 and "tiny" in preset.output
+
+
+def test_round_augment_auto_is_defect_gen_only_with_a_gpu(monkeypatch) -> None:
+    import torch
+
+    from tasks.augment import augment_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert augment_mode("auto") == "copy_paste"
+    assert augment_mode("defect_gen") == "defect_gen" and augment_mode("none") == "none"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert augment_mode("auto") == "defect_gen"
