@@ -21,9 +21,8 @@ from prefect.cache_policies import NO_CACHE
 from loom import manifest, tracking
 from loom.clicking import (
     champion_clicker_pointer,
+    clicker_choice,
     fine_tune_clicker,
-    pretrain_clicker,
-    pretrained_clicker_root,
 )
 from loom.config import Settings
 from loom.imageio import read_mask
@@ -49,11 +48,10 @@ class ClickerRound:
 
 def current_clicker(settings: Settings) -> tuple[Path, str]:
     """(model folder, model_version) of the click model the backend answers with."""
+    model_dir, _ = clicker_choice(settings)
     pointer = champion_clicker_pointer(settings)
     if pointer.is_file():
-        record = json.loads(pointer.read_text())
-        return Path(record["model_dir"]), f"loom-clicker-v{record['version']}"
-    model_dir = pretrain_clicker(pretrained_clicker_root(settings), config=settings.round.clicker_preset)
+        return model_dir, f"loom-clicker-v{json.loads(pointer.read_text())['version']}"
     return model_dir, f"loom-clicker-pretrained-{model_dir.name[-8:]}"
 
 
