@@ -601,13 +601,13 @@ def create_app(settings: Settings) -> FastAPI:
             },
         )
         if action == "START_TRAINING":
-            return backend.start_fine_tuning("START_TRAINING from Label Studio")
+            return await run_in_threadpool(backend.start_fine_tuning, "START_TRAINING from Label Studio")
         return {"status": "recorded", "action": action}
 
     @app.post("/train", dependencies=[Depends(authorised)])
     async def train(request: Request) -> dict[str, Any]:
         await body_of(request, "train")
-        return backend.start_fine_tuning("train request")
+        return await run_in_threadpool(backend.start_fine_tuning, "train request")
 
     return app
 
