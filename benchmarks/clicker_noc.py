@@ -190,6 +190,17 @@ def format_noc(result: dict) -> str:
     return "\n".join(lines)
 
 
+def latency_row(first: list[float], follow: list[float]) -> dict:
+    """p50 / p95 of first and follow-up click times (ms) of one frame size."""
+    return {
+        "first_p50": float(np.percentile(first, 50)),
+        "first_p95": float(np.percentile(first, 95)),
+        "follow_p50": float(np.percentile(follow, 50)),
+        "follow_p95": float(np.percentile(follow, 95)),
+        "calls": len(first),
+    }
+
+
 def latency(args: argparse.Namespace) -> dict:
     """p50 / p95 of first and follow-up clicks per frame shape."""
     from loom.clicking import pretrain_clicker
@@ -221,13 +232,7 @@ def latency(args: argparse.Namespace) -> dict:
                 if repeat:
                     first.append(first_ms)
                     follow.append(follow_ms)
-        out["shapes"][f"{height}x{width}"] = {
-            "first_p50": float(np.percentile(first, 50)),
-            "first_p95": float(np.percentile(first, 95)),
-            "follow_p50": float(np.percentile(follow, 50)),
-            "follow_p95": float(np.percentile(follow, 95)),
-            "calls": len(first),
-        }
+        out["shapes"][f"{height}x{width}"] = latency_row(first, follow)
     return out
 
 
@@ -325,13 +330,7 @@ def http_latency(args: argparse.Namespace) -> dict:
                     if repeat:
                         first.append(first_ms)
                         follow.append(follow_ms)
-            out["shapes"][f"{height}x{width}"] = {
-                "first_p50": float(np.percentile(first, 50)),
-                "first_p95": float(np.percentile(first, 95)),
-                "follow_p50": float(np.percentile(follow, 50)),
-                "follow_p95": float(np.percentile(follow, 95)),
-                "calls": len(first),
-            }
+            out["shapes"][f"{height}x{width}"] = latency_row(first, follow)
         encoded = [
             json.loads(line)["encoded"] for line in (settings.backend_dir / "interactions.jsonl").open()
         ]
