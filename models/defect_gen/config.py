@@ -2,7 +2,8 @@
 
 Three presets: ``tiny`` (unit tests, seconds), ``cpu`` (a round on 2 CPU cores in minutes: 64 px crops,
 small networks, a few hundred steps, at most 150 s) and ``full`` (a GPU: 96 px crops, wider and deeper
-networks, thousands of steps, bf16 autocast). :func:`preset` with no name picks ``full`` when CUDA is present, else ``cpu``.
+networks, thousands of steps, bf16 autocast). :func:`preset` with no name picks ``full`` when CUDA is
+present, else ``cpu``.
 """
 
 from __future__ import annotations
