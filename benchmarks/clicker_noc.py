@@ -174,22 +174,6 @@ def noc(args: argparse.Namespace) -> dict:
     return {"methods": table, **info}
 
 
-def format_noc(result: dict) -> str:
-    lines = [
-        "| method | start | NoC@85 | NoC@90 | fail@20 | IoU@1 | objects | ms/click |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, rows in result["methods"].items():
-        for start, row in rows.items():
-            begin = "pre-annotation" if start == "prelabel" else "nothing"
-            lines.append(
-                f"| {TITLES.get(name, name)} | {begin} | {row['noc85']:.2f} | {row['noc90']:.2f} "
-                f"| {row['fail20']:.2f} | {row['iou1']:.3f} | {row['objects']} "
-                f"| {1000 * row['s_per_click']:.1f} |"
-            )
-    return "\n".join(lines)
-
-
 def latency_row(first: list[float], follow: list[float]) -> dict:
     """p50 / p95 of first and follow-up click times (ms) of one frame size."""
     return {
@@ -405,7 +389,9 @@ def main() -> None:
             )
             + "\n"
         )
-        print(format_noc(result))
+        from loom.clicking import format_table
+
+        print(format_table(result, TITLES))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
 

@@ -508,19 +508,24 @@ def evaluate_folder(
     }
 
 
-def format_table(result: Mapping[str, Any]) -> str:
-    """A markdown table of an :func:`evaluate_folder` result (or any ``{"methods": ...}`` dict)."""
+def format_table(result: Mapping[str, Any], titles: Mapping[str, str] | None = None) -> str:
+    """A markdown table of an :func:`evaluate_folder` result (or any ``{"methods": ...}`` dict).
+
+    Args:
+        titles: method name -> row title (default :data:`METHOD_TITLES`).
+    """
+    titles = METHOD_TITLES if titles is None else titles
     max_clicks = result.get("max_clicks", 20)
     lines = [
-        f"| method | start | NoC@85 | NoC@90 | fail@{max_clicks} | objects | s/click |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | start | NoC@85 | NoC@90 | fail@{max_clicks} | IoU@1 | objects | ms/click |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result["methods"].items():
         for start, row in rows.items():
             begin = "pre-annotation" if start == "prelabel" else "nothing"
             lines.append(
-                f"| {METHOD_TITLES.get(name, name)} | {begin} "
+                f"| {titles.get(name, name)} | {begin} "
                 f"| {row['noc85']:.2f} | {row['noc90']:.2f} | {row[f'fail{max_clicks}']:.2f} "
-                f"| {row['objects']} | {row['s_per_click']:.3f} |"
+                f"| {row['iou1']:.3f} | {row['objects']} | {1000 * row['s_per_click']:.1f} |"
             )
     return "\n".join(lines)

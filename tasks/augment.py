@@ -29,7 +29,7 @@ from loom.augment import (
 )
 from loom.config import Settings
 from loom.imageio import write_mask, write_png
-from tasks.common import class_names, human_mask_of, image_of, load_manifest, save_manifest, task_logger
+from tasks.common import class_names, human_labeled, image_of, load_manifest, save_manifest, task_logger
 
 
 @dataclass
@@ -53,14 +53,13 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
     Normals are people's defect-free reviews, then auto-accepted pseudo-labels that name no class (the
     teacher saw nothing there): real fabric of this line on which the defects are placed.
     """
-    df = manifest.usable(load_manifest(settings))
-    train = df[df["split"] == "train"]
     images, masks, normals = [], [], []
-    for _, row in train[train["label_source"] == "human"].iterrows():
-        mask = human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"])))
+    for row, mask in human_labeled(settings, "train"):
         (images if mask.any() else normals).append(image_of(settings, row))
         if mask.any():
             masks.append(mask)
+    df = manifest.usable(load_manifest(settings))
+    train = df[df["split"] == "train"]
     quiet = train[
         (train["label_source"] == "pseudo")
         & (train["review_state"] == "auto_accepted")

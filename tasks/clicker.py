@@ -18,7 +18,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from loom import manifest, tracking
+from loom import tracking
 from loom.clicking import (
     champion_clicker_pointer,
     clicker_choice,
@@ -27,7 +27,7 @@ from loom.clicking import (
 from loom.config import Settings
 from loom.imageio import read_mask
 from models.clicker import ClickPredictor, NocObject, evaluate_noc, split_objects
-from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
+from tasks.common import human_labeled, image_of, pseudo_mask_path, task_logger
 
 #: Test objects the gate measures at most (spread over the split; the NoC of 40 objects is stable to ~0.2).
 GATE_OBJECTS = 40
@@ -58,18 +58,14 @@ def current_clicker(settings: Settings) -> tuple[Path, str]:
 def _objects(settings: Settings, split: str, round_no: int | None) -> list[NocObject]:
     """Connected defect regions of the human masks of ``split``; with ``round_no``, each carries the
     pre-annotation of that round (where the image had one) as its previous mask."""
-    df = manifest.usable(load_manifest(settings))
-    rows = df[(df["split"] == split) & (df["label_source"] == "human")].sort_values("image_id")
     objects: list[NocObject] = []
-    for _, row in rows.iterrows():
-        hw = (int(row["height"]), int(row["width"]))
-        mask = human_mask_of(settings, row["image_id"], hw)
+    for row, mask in human_labeled(settings, split):  # the manifest is stored sorted by image_id
         if not mask.any():
             continue
         prelabel = None
         if round_no is not None:
             path = pseudo_mask_path(settings, round_no, row["image_id"])
-            prelabel = read_mask(path, len(settings.classes), hw) > 0 if path.is_file() else None
+            prelabel = read_mask(path, len(settings.classes), mask.shape) > 0 if path.is_file() else None
         objects += split_objects(image_of(settings, row), mask > 0, prelabel, row["image_id"][:12])
     return objects
 

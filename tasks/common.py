@@ -31,6 +31,14 @@ def human_mask_of(settings: Settings, image_id: str, hw: tuple[int, int]) -> np.
     return read_mask(settings.masks_dir / f"{image_id}.png", len(settings.classes), expected_hw=hw)
 
 
+def human_labeled(settings: Settings, split: str) -> Iterator[tuple[pd.Series, np.ndarray]]:
+    """Usable human-labeled rows of ``split`` (manifest order) with their class masks; callers read the
+    image (:func:`image_of`) only where they need it."""
+    df = manifest.usable(load_manifest(settings))
+    for _, row in df[(df["split"] == split) & (df["label_source"] == "human")].iterrows():
+        yield row, human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"])))
+
+
 def pseudo_mask_path(settings: Settings, round_no: int, image_id: str):
     return settings.pseudo_dir / f"round-{round_no:04d}" / "masks" / f"{image_id}.png"
 

@@ -36,7 +36,7 @@ from models.student.registry import (
 )
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
 from models.teacher.types import anomaly_probability
-from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
+from tasks.common import human_labeled, human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
 
 #: How much a training mask counts, by where it came from (people are trusted most).
 SOURCE_WEIGHTS = {"human": 1.0, "pseudo": 0.5, "synthetic": 0.7}
@@ -177,18 +177,14 @@ def folder_samples(settings: Settings, data: Path) -> list:
 @task(name="evaluate-student", cache_policy=NO_CACHE)
 def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: int = 6) -> Evaluation:
     """Metrics on the frozen, human-verified test split (never trained on)."""
-    df = manifest.usable(load_manifest(settings))
-    test = df[(df["split"] == "test") & (df["label_source"] == "human")]
-    if test.empty:
+    test = list(human_labeled(settings, "test"))
+    if not test:
         raise ValueError(
             "evaluate: the workspace has no human-labeled test split; ingest a dataset folder with test masks"
         )
-    images, masks = [], []
-    for _, row in test.iterrows():
-        hw = (int(row["height"]), int(row["width"]))
-        images.append(image_of(settings, row))
-        masks.append(human_mask_of(settings, row["image_id"], hw))
-    names = [f"test_{image_id[:12]}" for image_id in test["image_id"]]
+    images = [image_of(settings, row) for row, _ in test]
+    masks = [mask for _, mask in test]
+    names = [f"test_{row['image_id'][:12]}" for row, _ in test]
     return evaluate_on(settings, Path(student.model_dir), images, masks, names, n_overlays)
 
 
