@@ -26,9 +26,9 @@ from loom.augment import (
     sample_grid,
     synthesise,
     train_defect_gen,
+    write_pairs,
 )
 from loom.config import Settings
-from loom.imageio import write_mask, write_png
 from tasks.common import class_names, human_labeled, image_of, load_manifest, save_manifest, task_logger
 
 
@@ -137,11 +137,11 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     )
     made.seconds["train"] = train_seconds
     out = settings.synthetic_dir / f"round-{round_no:04d}"
+    stems = [f"r{round_no:04d}-{name}-{k:04d}" for k, name in enumerate(made.pair_classes)]
+    if made.pairs:
+        write_pairs(out, made.pairs, stems, settings.classes)
     rows = []
-    for k, ((image, mask), name) in enumerate(zip(made.pairs, made.pair_classes, strict=True)):
-        stem = f"r{round_no:04d}-{name}-{k:04d}"
-        write_png(out / "images" / f"{stem}.png", image)
-        write_mask(out / "masks" / f"{stem}.png", mask)
+    for (_, mask), stem in zip(made.pairs, stems, strict=True):
         rows.append(
             {
                 "image_id": f"synthetic-{round_no:04d}-{stem}",  # made, not ingested: no content hash
