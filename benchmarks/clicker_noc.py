@@ -2,9 +2,9 @@
 
 NoC mode (default): the embedded fabric data of params.yaml (240 images, 256 px, defect share 0.3, frozen
 test split 0.25); pre-annotations from the backbone teacher zero-shot over all 240 images, as a round
-pre-annotates; the objects (8-connected defect regions) of the 60 test images. Side by side, from nothing
-and from the pre-annotation (restricted to its components near each object), every method on the same
-simulated clicks (models/clicker/noc.py):
+pre-annotates; the defect objects (8-connected regions, those 2 px apart merged) of the 60 test images.
+Side by side, from nothing and from the pre-annotation (restricted to its components near each object),
+every method on the same simulated clicks (models/clicker/noc.py):
 
 - GrabCut with the clicks in the clicker's zoom crop,
 - the teacher's anomaly map grown from the clicks,
@@ -347,7 +347,7 @@ def main() -> None:
     parser.add_argument("--config", default="default", help="pre-training recipe of loom.clicking")
     parser.add_argument("--steps", type=int, help="pre-training steps instead of the recipe's")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fine-tune-steps", type=int, default=100, help="a multiple of 25")
+    parser.add_argument("--fine-tune-steps", type=int, default=200, help="a multiple of 25")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency", action="store_true", help="predictor latency instead of NoC")

@@ -38,6 +38,7 @@ from loom.labelstudio import (
     mask_to_results,
     results_to_mask,
 )
+from models.clicker.noc import defect_objects
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +74,9 @@ class ClickPolicy:
 
 
 def objects_of(truth: np.ndarray) -> list[tuple[np.ndarray, int]]:
-    """(object mask (H, W) bool, class id) per 8-connected defect region of a class-index mask."""
-    labelled, count = ndimage.label(truth > 0, structure=np.ones((3, 3), dtype=bool))
-    found = []
-    for index in range(1, count + 1):
-        region = labelled == index
-        found.append((region, int(np.bincount(truth[region]).argmax())))
-    return found
+    """(object mask (H, W) bool, class id) per defect object of a class-index mask (as the NoC protocol
+    splits them: 8-connected regions, those a couple of pixels apart together)."""
+    return [(region, int(np.bincount(truth[region]).argmax())) for region in defect_objects(truth)]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

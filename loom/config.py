@@ -60,7 +60,7 @@ class RoundParams:
     seed: int = 0
     promote_metric: str = "miou"
     clicker_preset: str = "default"  # default | tiny: the click model annotators' key points run through
-    clicker_fine_tune_steps: int = 100  # per-round fine-tuning of the clicker on people's masks
+    clicker_fine_tune_steps: int = 200  # per-round fine-tuning of the clicker on people's masks
     augment: str = "auto"  # auto (defect_gen with a GPU, else copy_paste) | defect_gen | copy_paste | none
     augment_preset: str = "auto"  # defect_gen preset: auto (full on a GPU, else cpu) | cpu | full | tiny
     synthetic_per_round: int = 40  # synthetic image + mask pairs per round, most for the rarest class

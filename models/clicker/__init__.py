@@ -3,7 +3,14 @@
 from models.clicker.baselines import GrabCutSegmenter, TeacherMapGrowing
 from models.clicker.clicks import Click, disk_maps, error_click, interior_click
 from models.clicker.loss import ClickLoss, normalized_focal_loss
-from models.clicker.noc import NocObject, Segmenter, evaluate_noc, restrict_prelabel, split_objects
+from models.clicker.noc import (
+    NocObject,
+    Segmenter,
+    defect_objects,
+    evaluate_noc,
+    restrict_prelabel,
+    split_objects,
+)
 from models.clicker.predictor import ClickAnswer, ClickPredictor, image_digest
 from models.clicker.torch_model import ClickerConfig, ClickSegmenter, ImageFeatures, fuse_for_inference
 from models.clicker.training import ClickObject, ClickTrainConfig, degrade_mask, train_clicker
@@ -25,6 +32,7 @@ __all__ = [
     "Segmenter",
     "TeacherMapGrowing",
     "ZoomConfig",
+    "defect_objects",
     "degrade_mask",
     "disk_maps",
     "error_click",

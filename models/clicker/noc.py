@@ -1,6 +1,8 @@
 """The NoC protocol (number of clicks), per object, for any click segmentation method.
 
-Each connected defect region (8-connectivity, as loom/metrics.py) of a mask is one object. A simulated
+Each defect region of a mask is one object: its 8-connected components (as loom/metrics.py labels them),
+with components less than ``OBJECT_GAP`` pixels apart merged, so a stain's speckled rim or a yarn drawn as
+dashes is one object, as an annotator sees it, not a dozen one-pixel objects worth 20 clicks each. A simulated
 annotator clicks at the centre of the larger error region (``models.clicker.clicks.error_click``: the
 point farthest from the border of the false-negative or the false-positive region, positive for a miss,
 negative for a false alarm), at most ``max_clicks`` times; the method gets all clicks so far and its own
@@ -30,6 +32,9 @@ Segmenter = Callable[[np.ndarray, Sequence[Click], np.ndarray | None], np.ndarra
 STARTS = ("empty", "prelabel")
 #: Pixels the object is dilated by to find the pre-annotation components that belong to it.
 NEIGHBOURHOOD = 5
+#: Defect components closer than this many pixels (gap of at most 2 * OBJECT_GAP background pixels
+#: between them) form one object.
+OBJECT_GAP = 2
 
 
 @dataclass
@@ -50,14 +55,33 @@ def restrict_prelabel(prelabel: np.ndarray, mask: np.ndarray, radius: int = NEIG
     return np.isin(labels, touching) if touching.size else np.zeros(mask.shape, dtype=bool)
 
 
+def defect_objects(defect_mask: np.ndarray, gap: int = OBJECT_GAP) -> list[np.ndarray]:
+    """The objects of a mask: 8-connected components of ``defect_mask > 0``, those within ``gap`` px merged.
+
+    Args:
+        defect_mask: (H, W) binary or class-index mask (>0 = defect, all classes together).
+        gap: components whose pixels come within ``2 * gap`` background pixels of each other are one
+            object (0: plain 8-connected components).
+
+    Returns:
+        One (H, W) bool mask per object (defect pixels only; the gap stays background), in label order.
+    """
+    defect = np.asarray(defect_mask) > 0
+    grown = ndimage.binary_dilation(defect, structure=CONNECTIVITY, iterations=gap) if gap > 0 else defect
+    labels, count = ndimage.label(grown, structure=CONNECTIVITY)
+    labels[~defect] = 0
+    return [labels == index for index in range(1, count + 1)]
+
+
 def split_objects(
     image: np.ndarray,
     defect_mask: np.ndarray,
     prelabel: np.ndarray | None = None,
     name: str = "",
     radius: int = NEIGHBOURHOOD,
+    gap: int = OBJECT_GAP,
 ) -> list[NocObject]:
-    """One :class:`NocObject` per connected region (8-connectivity) of ``defect_mask > 0``.
+    """One :class:`NocObject` per object of ``defect_mask`` (see :func:`defect_objects`).
 
     Args:
         image: (H, W, 3) uint8.
@@ -65,11 +89,10 @@ def split_objects(
         prelabel: (H, W) bool pre-annotation of the whole image, restricted per object.
         name: prefix of the objects' names (``name#k``).
         radius: neighbourhood of :func:`restrict_prelabel`.
+        gap: see :func:`defect_objects`.
     """
-    labels, count = ndimage.label(np.asarray(defect_mask) > 0, structure=CONNECTIVITY)
     objects = []
-    for index in range(1, count + 1):
-        mask = labels == index
+    for index, mask in enumerate(defect_objects(defect_mask, gap), start=1):
         restricted = None if prelabel is None else restrict_prelabel(prelabel, mask, radius)
         objects.append(NocObject(image, mask, restricted, f"{name}#{index}"))
     return objects

@@ -22,6 +22,7 @@ from models.clicker import (
     NocObject,
     TeacherMapGrowing,
     ZoomConfig,
+    defect_objects,
     degrade_mask,
     disk_maps,
     error_click,
@@ -295,6 +296,19 @@ def test_split_objects_uses_8_connectivity_and_restricts_the_pre_annotation() ->
     dots = next(o for o in objects if o.mask[5, 5])
     assert dots.mask[6, 6] and dots.prelabel is not None and not dots.prelabel.any()
     assert np.array_equal(restrict_prelabel(prelabel, square.mask), square.prelabel)
+
+
+def test_defect_objects_merge_components_a_few_pixels_apart() -> None:
+    mask = np.zeros((40, 40), np.uint8)
+    mask[10:14, 10:14] = 2
+    mask[10:14, 17] = 2  # 3 background columns away: the same stain's speckle
+    mask[30:34, 10:14] = 1  # 16 rows away: another object
+    objects = defect_objects(mask)
+    assert len(objects) == 2
+    stain = next(o for o in objects if o[10, 10])
+    assert stain[12, 17] and not stain[12, 15]  # the speckle joins; the gap stays background
+    assert stain.sum() == 20 and not stain[31, 11]
+    assert len(defect_objects(mask, gap=0)) == 3  # plain 8-connected components
 
 
 # ---- baselines ---------------------------------------------------------------------------------------
