@@ -21,6 +21,8 @@ process (its own workspace, basic auth, keep-alive), the request as Label Studio
     python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency  # latency table, in-process
     python benchmarks/clicker_noc.py --work /tmp/clicker-bench --latency --http  # through HTTP /predict
     python benchmarks/clicker_noc.py --work /tmp/clicker-bench --steps 160 --methods pretrained
+    python benchmarks/clicker_noc.py --work /tmp/clicker-bench --methods pretrained --steps 320 \
+        --train backbone_lr_factor=0.1 --model-config image_size=128   # a recipe variant
 """
 
 from __future__ import annotations
@@ -93,11 +95,26 @@ def teacher_annotations(data: Path, work: Path) -> tuple[dict[str, tuple[np.ndar
     return out, source
 
 
-def recipe_for(config: str, steps: int | None):
-    """The named pre-training recipe, or the same one with ``steps`` optimiser steps in all."""
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["lr=0.002", "tiny=false"]`` -> ``{"lr": 0.002, "tiny": False}`` (values read as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def recipe_for(config: str, steps: int | None, train: dict | None = None, model: dict | None = None):
+    """The named pre-training recipe; with ``steps``, the same one with that many optimiser steps in all;
+    ``train`` / ``model`` override ClickTrainConfig / ClickerConfig fields (recipe sweeps)."""
     from loom.clicking import RECIPES
 
     recipe = RECIPES[config]
+    recipe = replace(recipe, train={**recipe.train, **(train or {})}, model={**recipe.model, **(model or {})})
     if steps is None:
         return recipe
     train = dict(recipe.train)
@@ -125,11 +142,11 @@ def noc(args: argparse.Namespace) -> dict:
         generate(data, **DATASET)
     teacher, teacher_source = teacher_annotations(data, work)
     stems, images, masks = load_split(data, "test")
-    objects = objects_from_masks(images, masks, [teacher[s][0] for s in stems], stems)
+    objects = objects_from_masks(images, masks, [teacher[s][0] for s in stems], stems, gap=args.object_gap)
     maps = {image_digest(image): teacher[s][1] for s, image in zip(stems, images, strict=True)}
 
     started = time.perf_counter()
-    recipe = recipe_for(args.config, args.steps)
+    recipe = recipe_for(args.config, args.steps, args.train, args.model_config)
     pretrained = pretrain_clicker(work / "cache", config=args.config, seed=args.seed, recipe=recipe)
     meta = read_model_metadata(pretrained)
     info = {
@@ -192,7 +209,10 @@ def latency(args: argparse.Namespace) -> dict:
     from models.clicker import Click, ClickPredictor
 
     model_dir = args.model or pretrain_clicker(
-        args.work / "cache", config=args.config, seed=args.seed, recipe=recipe_for(args.config, args.steps)
+        args.work / "cache",
+        config=args.config,
+        seed=args.seed,
+        recipe=recipe_for(args.config, args.steps, args.train, args.model_config),
     )
     predictor = ClickPredictor.from_pretrained(model_dir)
     rng = np.random.default_rng(0)
@@ -236,7 +256,10 @@ def http_latency(args: argparse.Namespace) -> dict:
     from loom.imageio import write_png
 
     model_dir = args.model or pretrain_clicker(
-        args.work / "cache", config=args.config, seed=args.seed, recipe=recipe_for(args.config, args.steps)
+        args.work / "cache",
+        config=args.config,
+        seed=args.seed,
+        recipe=recipe_for(args.config, args.steps, args.train, args.model_config),
     )
     workspace = args.work / "http-workspace"
     shutil.rmtree(workspace, ignore_errors=True)
@@ -346,6 +369,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="data, teacher maps and models (reused)")
     parser.add_argument("--config", default="default", help="pre-training recipe of loom.clicking")
     parser.add_argument("--steps", type=int, help="pre-training steps instead of the recipe's")
+    parser.add_argument(
+        "--train", nargs="*", default=[], metavar="KEY=VALUE", help="ClickTrainConfig overrides (sweeps)"
+    )
+    parser.add_argument(
+        "--model-config", nargs="*", default=[], metavar="KEY=VALUE", help="ClickerConfig overrides"
+    )
+    parser.add_argument(
+        "--object-gap", type=int, default=2, help="defect components this close are one object (0: none)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fine-tune-steps", type=int, default=200, help="a multiple of 25")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -357,6 +389,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="latency: passes over the frames")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
+    args.train, args.model_config = parse_overrides(args.train), parse_overrides(args.model_config)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path

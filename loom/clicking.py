@@ -45,7 +45,7 @@ from models.clicker import (
     split_objects,
     train_clicker,
 )
-from models.clicker.noc import STARTS
+from models.clicker.noc import OBJECT_GAP, STARTS
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def objects_from_masks(
     masks: Sequence[np.ndarray],
     prelabels: Sequence[np.ndarray | None] | None = None,
     names: Sequence[str] | None = None,
+    gap: int = OBJECT_GAP,
 ) -> list[NocObject]:
     """Every defect object of every mask (see :func:`models.clicker.defect_objects`), with its restricted
     pre-annotation.
@@ -114,12 +115,13 @@ def objects_from_masks(
         masks: (H, W) binary or class-index masks (>0 = defect).
         prelabels: (H, W) bool pre-annotations of the whole images (or None per image / for all).
         names: image names (objects are named ``name#k``).
+        gap: components this close are one object (0: plain 8-connected components).
     """
     objects: list[NocObject] = []
     for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
         prelabel = None if prelabels is None else prelabels[index]
         name = names[index] if names is not None else str(index)
-        objects.extend(split_objects(image, mask, prelabel, name))
+        objects.extend(split_objects(image, mask, prelabel, name, gap=gap))
     return objects
 
 

@@ -42,6 +42,8 @@ SERVICES: tuple[str, ...] = ("labelstudio", "prefect", "mlflow", "backend")
 #: The Prefect work pool the worker polls and prefect.yaml deploys to.
 WORK_POOL = "loom-process"
 WORKER = "prefect-worker"
+#: Seconds a stopping Prefect worker gets before SIGKILL (see ``down``).
+WORKER_STOP_S = 5.0
 
 _LOG_TAIL_LINES = 30
 _POLL_S = 0.5
@@ -653,8 +655,9 @@ def up(
 
 def down(settings: Settings, timeout_s: float = 30) -> None:
     """Stop every server of the workspace with its children (SIGTERM, then SIGKILL after ``timeout_s``)."""
-    # The worker first: it would otherwise keep retrying a Prefect server that is already gone.
-    _stop_processes(settings, [WORKER], timeout_s)
+    # The worker first: it would otherwise keep retrying a Prefect server that is already gone. It turns
+    # SIGTERM into SIGINT and then idles; it holds no state, so it gets a few seconds, not ``timeout_s``.
+    _stop_processes(settings, [WORKER], min(timeout_s, WORKER_STOP_S))
     _stop_processes(settings, [n for n in _PROCESSES if n != WORKER], timeout_s)
 
 
