@@ -180,6 +180,8 @@ def noc(args: argparse.Namespace) -> dict:
             epochs=max(1, args.fine_tune_steps // 25),
             steps_per_epoch=25,
             seed=args.seed,
+            lr=args.fine_tune_lr,
+            rehearsal_images=args.rehearsal,
         )
         info["fine_tune_steps"] = 25 * max(1, args.fine_tune_steps // 25)
         info["fine_tune_seconds"] = round(time.perf_counter() - started, 1)
@@ -380,6 +382,10 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fine-tune-steps", type=int, default=200, help="a multiple of 25")
+    parser.add_argument("--fine-tune-lr", type=float, default=5e-4)
+    parser.add_argument(
+        "--rehearsal", type=int, default=0, help="rendered images mixed into fine-tuning (forgetting)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency", action="store_true", help="predictor latency instead of NoC")

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 #: Bump when a change to the clicker's code or recipe should invalidate cached pre-trained models.
 CLICKER_CODE_VERSION = "2"
 METHODS = ("clicker", "grabcut", "teacher_grow")
+#: Offset of the rendering seed of fine-tuning's rehearsal images (not pre-training's images).
+REHEARSAL_SEED = 7919
 #: Method names in tables.
 METHOD_TITLES = {
     "clicker": "Defect-Click",
@@ -296,6 +298,7 @@ def fine_tune_clicker(
     batch_size: int = 8,
     seed: int = 0,
     backbone_lr_factor: float = 0.0,
+    rehearsal_images: int = 0,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[Path, list[dict[str, float]]]:
     """Continue training a saved clicker on a round's objects; saved atomically to ``out_dir``.
@@ -306,6 +309,8 @@ def fine_tune_clicker(
         out_dir: where the fine-tuned clicker goes (replaced if it exists).
         epochs, steps_per_epoch, lr, batch_size, seed, backbone_lr_factor: loop settings (see
             ClickTrainConfig); the backbone stays frozen by default, as in pre-training.
+        rehearsal_images: rendered fabric images whose exact masks are mixed in with people's (as in
+            pre-training, other images), so a few dozen objects do not make it forget the rest.
         on_epoch: progress callback, as in :func:`models.clicker.train_clicker`.
 
     Returns:
@@ -315,6 +320,8 @@ def fine_tune_clicker(
     train_objects = [
         ClickObject(o.image, o.mask, o.prelabel) if isinstance(o, NocObject) else o for o in objects
     ]
+    if rehearsal_images > 0:
+        train_objects += pretrain_objects(PretrainRecipe(images=rehearsal_images), seed=seed + REHEARSAL_SEED)
     config = ClickTrainConfig(
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
@@ -327,6 +334,7 @@ def fine_tune_clicker(
     metadata = {
         "base": Path(base_dir).name,
         "fine_tune_objects": len(train_objects),
+        "rehearsal_images": rehearsal_images,
         "final_loss": history[-1]["loss"],
     }
     return _atomic_save(model, Path(out_dir), metadata), history
