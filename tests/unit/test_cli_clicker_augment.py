@@ -17,6 +17,8 @@ from loom.cli import app
 from loom.clicking import (
     champion_clicker_pointer,
     clicker_choice,
+    fine_tune_clicker,
+    objects_from_masks,
     pretrain_clicker,
     pretrained_clicker_root,
     resolve_clicker,
@@ -24,6 +26,7 @@ from loom.clicking import (
 from loom.config import load_settings
 from loom.datasets.fabric import render_sample
 from loom.imageio import read_image, read_mask, write_mask, write_png
+from models.student.checkpoint import read_model_metadata
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -223,3 +226,17 @@ def test_round_augment_auto_is_defect_gen_only_with_a_gpu(monkeypatch) -> None:
     assert augment_mode("defect_gen") == "defect_gen" and augment_mode("none") == "none"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert augment_mode("auto") == "defect_gen"
+
+
+def test_fine_tuning_mixes_rendered_objects_in_when_asked(tmp_path: Path) -> None:
+    base = pretrain_clicker(tmp_path / "cache", config="tiny")
+    sample = render_sample(DEFECT_SEEDS[0], SIZE, SIZE, defect_prob=1.0)
+    objects = objects_from_masks([sample.image], [sample.mask])
+    plain, _ = fine_tune_clicker(base, objects, tmp_path / "plain", epochs=1, steps_per_epoch=2)
+    mixed, history = fine_tune_clicker(
+        base, objects, tmp_path / "mixed", epochs=1, steps_per_epoch=2, rehearsal_images=2
+    )
+    assert read_model_metadata(plain)["fine_tune_objects"] == len(objects)
+    meta = read_model_metadata(mixed)
+    assert meta["rehearsal_images"] == 2 and meta["fine_tune_objects"] > len(objects)
+    assert np.isfinite(history[-1]["loss"]) and (mixed / "model.safetensors").is_file()
