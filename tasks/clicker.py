@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -61,23 +62,24 @@ def current_clicker(settings: Settings) -> tuple[Path, str]:
     return model_dir, f"loom-clicker-pretrained-{model_dir.name[-8:]}"
 
 
+PrelabelOf = Callable[[str, tuple[int, int]], np.ndarray | None]
+
+
 def _objects(
-    settings: Settings,
-    split: str,
-    prelabel_of: Callable[[str, tuple[int, int]], np.ndarray | None] | None = None,
+    settings: Settings, labeled: Iterable[tuple[pd.Series, np.ndarray]], prelabel_of: PrelabelOf
 ) -> list[NocObject]:
-    """Defect objects of the human masks of ``split``, each with ``prelabel_of(image_id, (H, W))``
-    (restricted to the object) as its previous mask."""
+    """Defect objects of human-labeled ``(row, class mask)`` pairs, each with ``prelabel_of(image_id,
+    (H, W))`` (restricted to the object) as its previous mask."""
     objects: list[NocObject] = []
-    for row, mask in human_labeled(settings, split):  # the manifest is stored sorted by image_id
+    for row, mask in labeled:
         if not mask.any():
             continue
-        prelabel = None if prelabel_of is None else prelabel_of(row["image_id"], mask.shape)
+        prelabel = prelabel_of(row["image_id"], mask.shape)
         objects += split_objects(image_of(settings, row), mask > 0, prelabel, row["image_id"][:12])
     return objects
 
 
-def round_prelabel(settings: Settings, round_no: int) -> Callable[[str, tuple[int, int]], np.ndarray | None]:
+def round_prelabel(settings: Settings, round_no: int) -> PrelabelOf:
     """image_id -> the pre-annotation round ``round_no`` sent people (None where it sent none)."""
 
     def prelabel_of(image_id: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -87,25 +89,27 @@ def round_prelabel(settings: Settings, round_no: int) -> Callable[[str, tuple[in
     return prelabel_of
 
 
-def gate_prelabels(settings: Settings) -> dict[str, np.ndarray]:
+def gate_prelabels(settings: Settings, rows: Sequence[pd.Series]) -> dict[str, np.ndarray]:
     """image_id -> the teacher's zero-shot pre-annotation of each test image (the split's normal images
     are in the teacher's pool too, as in a round).
 
-    Cached in ``clicker/gate-prelabels.npz`` and reused while the test images are the same ones. A teacher
-    that cannot run here leaves the gate with the start from nothing only (logged), not without a gate.
+    Cached in ``clicker/gate-prelabels.npz`` and reused while the test images are the same ones (their
+    pixels are read only when the teacher has to run). A teacher that cannot run here leaves the gate with
+    the start from nothing only (logged), not without a gate.
     """
-    log = task_logger()
-    items = [(row["image_id"], image_of(settings, row)) for row, mask in human_labeled(settings, "test")]
+    ids = [row["image_id"] for row in rows]
     cache = settings.clicker_dir / GATE_PRELABELS
-    ids = [image_id for image_id, _ in items]
     if cache.is_file():
         with np.load(cache) as stored:
             if sorted(stored.files) == sorted(ids):
                 return {image_id: stored[image_id] for image_id in ids}
-    if not items:
+    if not rows:
         return {}
+    log = task_logger()
     try:
-        prelabels = teacher_prelabels([image for _, image in items], settings, settings.round.teacher)
+        prelabels = teacher_prelabels(
+            [image_of(settings, row) for row in rows], settings, settings.round.teacher
+        )
     except Exception as error:
         log.warning(
             "clicker gate: no pre-annotations of the test split (%s); judging from nothing only", error
@@ -121,12 +125,18 @@ def gate_prelabels(settings: Settings) -> dict[str, np.ndarray]:
 def gate_objects(settings: Settings) -> list[NocObject]:
     """At most :data:`GATE_OBJECTS` objects of the frozen test split, spread evenly over it, each with the
     teacher's pre-annotation of its image (see :func:`gate_prelabels`)."""
-    prelabels = gate_prelabels(settings)
-    objects = _objects(settings, "test", lambda image_id, _shape: prelabels.get(image_id))
+    labeled = list(human_labeled(settings, "test"))
+    prelabels = gate_prelabels(settings, [row for row, _ in labeled])
+    objects = _objects(settings, labeled, lambda image_id, _shape: prelabels.get(image_id))
     if len(objects) > GATE_OBJECTS:
         keep = np.linspace(0, len(objects) - 1, GATE_OBJECTS).round().astype(int)
         objects = [objects[i] for i in keep]
     return objects
+
+
+def _prefix(start: str) -> str:
+    """Metric-name prefix of a NoC start: none for the standard start from nothing."""
+    return "" if start == "empty" else f"{start}_"
 
 
 def gate_noc(segment: Segmenter, objects: list[NocObject]) -> dict[str, float]:
@@ -137,11 +147,8 @@ def gate_noc(segment: Segmenter, objects: list[NocObject]) -> dict[str, float]:
     out: dict[str, float] = {}
     for start in starts:
         row = evaluate_noc(segment, objects, start)
-        prefix = "" if start == "empty" else f"{start}_"
-        out |= {f"{prefix}{k}": float(v) for k, v in row.items() if isinstance(v, int | float)}
-    out["gate"] = float(
-        np.mean([out[GATE_METRIC] if s == "empty" else out[f"{s}_{GATE_METRIC}"] for s in starts])
-    )
+        out |= {f"{_prefix(start)}{k}": float(v) for k, v in row.items() if isinstance(v, int | float)}
+    out["gate"] = float(np.mean([out[f"{_prefix(start)}{GATE_METRIC}"] for start in starts]))
     return out
 
 
@@ -158,13 +165,15 @@ def fine_tune_round_clicker(settings: Settings, round_no: int, suffix: str = "")
     base_dir, base_version = current_clicker(settings)
     outcome = ClickerRound(base=base_version)
     steps = settings.round.clicker_fine_tune_steps
-    train = _objects(settings, "train", round_prelabel(settings, round_no))
+    if steps <= 0:  # decided before any image is read or the teacher runs for the gate
+        outcome.reason = "fine-tuning is off (round.clicker_fine_tune_steps)"
+        log.info("clicker: not fine-tuned: %s", outcome.reason)
+        return outcome
+    train = _objects(settings, human_labeled(settings, "train"), round_prelabel(settings, round_no))
     test = gate_objects(settings)
-    if steps <= 0 or not train or not test:
+    if not train or not test:
         outcome.reason = (
-            "fine-tuning is off (round.clicker_fine_tune_steps)"
-            if steps <= 0
-            else f"{len(train)} labeled train objects, {len(test)} test objects: nothing to learn or judge by"
+            f"{len(train)} labeled train objects, {len(test)} test objects: nothing to learn or judge by"
         )
         log.info("clicker: not fine-tuned: %s", outcome.reason)
         return outcome
