@@ -402,6 +402,37 @@ def clicker_evaluate(
     typer.echo(json.dumps(summary, default=float))
 
 
+@clicker_app.command("pretrain")
+def clicker_pretrain(
+    config: str = typer.Option(None, "--config", help="Recipe: default or tiny (default: params.yaml's)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the rendered images, the sampling and the weights."),
+    retrain: bool = typer.Option(
+        False, "--retrain", help="Train even when a cached or shipped copy exists (reproduces the shipped one)."
+    ),
+    ship: bool = typer.Option(
+        False, "--ship", help="Then write its decoder into models/clicker/shipped/ (commit it with the code)."
+    ),
+    workspace: Path = WorkspaceOpt,
+) -> None:
+    """Pre-train the click model on rendered fabric (cached in the workspace; a shipped copy is unpacked
+    instead of training when its recipe key matches)."""
+    import tempfile
+
+    from loom.clicking import pretrain_clicker, pretrained_clicker_root, ship_clicker
+
+    settings = load_settings(workspace)
+    config = config or settings.round.clicker_preset
+    if retrain:  # a fresh cache folder, and no shipped copy to unpack
+        settings.stack_dir.mkdir(parents=True, exist_ok=True)
+        cache = Path(tempfile.mkdtemp(prefix="clicker-retrain-", dir=settings.stack_dir))
+        model_dir = pretrain_clicker(cache, config, seed, use_shipped=False)
+    else:
+        model_dir = pretrain_clicker(pretrained_clicker_root(settings), config, seed)
+    typer.echo(f"pre-trained clicker: {model_dir}")
+    if ship:
+        typer.echo(f"shipped decoder: {ship_clicker(model_dir)}")
+
+
 def _defect_gen_cache(settings: Settings) -> Path:
     """Where Defect-Gen models are cached: the same root as the round's augment step (tasks/augment.py),
     so a model trained here is reused by the rounds and the other way round."""

@@ -3,6 +3,10 @@
 - :func:`pretrain_clicker` trains the click segmenter on the embedded fabric generator's exact masks, with
   teacher-like blurred masks as previous masks for part of the objects, and caches the result in a folder
   named by a hash of (configuration, data recipe, code version); a second call returns that folder.
+- :func:`ship_clicker` writes a pre-trained clicker's decoder into ``models/clicker/shipped/`` (the backbone
+  stays the frozen ImageNet Lite0, so the decoder is all that was learned: 0.3 MB); :func:`pretrain_clicker`
+  unpacks a shipped decoder whose key matches instead of training, so ``loom up`` on a fresh clone does not
+  spend minutes pre-training. A changed recipe or code version changes the key and trains again.
 - :func:`fine_tune_clicker` continues from a saved clicker on a round's objects (people's masks with the
   pre-annotations they corrected), with fewer steps and a lower learning rate.
 - :func:`resolve_clicker` picks a workspace's clicker as the ML backend does: the champion a round promoted
@@ -22,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,11 @@ from models.clicker import (
 from models.clicker.noc import OBJECT_GAP, STARTS
 
 log = logging.getLogger(__name__)
+
+#: Pre-trained clickers shipped with the project: ``<recipe key>/config.json`` + ``decoder.safetensors``.
+SHIPPED_CLICKERS = Path(__file__).resolve().parent.parent / "models" / "clicker" / "shipped"
+#: Weights of a ClickSegmenter that belong to the backbone (not shipped: they are the ImageNet ones).
+BACKBONE_PREFIX = "backbone."
 
 #: Bump when a change to the clicker's code or recipe should invalidate cached pre-trained models.
 CLICKER_CODE_VERSION = "2"
@@ -196,7 +205,11 @@ def _atomic_save(model: ClickSegmenter, target: Path, metadata: dict[str, Any]) 
 
 
 def pretrain_clicker(
-    cache_root: Path, config: str = "default", seed: int = 0, recipe: PretrainRecipe | None = None
+    cache_root: Path,
+    config: str = "default",
+    seed: int = 0,
+    recipe: PretrainRecipe | None = None,
+    use_shipped: bool = True,
 ) -> Path:
     """The pre-trained clicker folder for ``config`` ("default" or "tiny"), trained once and cached.
 
@@ -205,6 +218,7 @@ def pretrain_clicker(
         config: a name of :data:`RECIPES`.
         seed: seeds the rendered images, the sampling and the initial weights.
         recipe: a variant of the named recipe (benchmarks: other lengths); part of the cache key.
+        use_shipped: unpack the shipped decoder of the same key, if there is one, instead of training.
 
     Returns:
         ``cache_root / clicker-<config>-<hash>``, holding ``config.json`` + ``model.safetensors``.
@@ -214,6 +228,8 @@ def pretrain_clicker(
     target = Path(cache_root) / f"clicker-{config}-{recipe_key(config, seed, recipe)}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
+    if use_shipped and (SHIPPED_CLICKERS / target.name / "decoder.safetensors").is_file():
+        return unpack_shipped_clicker(SHIPPED_CLICKERS / target.name, target)
     recipe = RECIPES[config] if recipe is None else recipe
     started = time.perf_counter()
     objects = pretrain_objects(recipe, seed)
@@ -233,6 +249,67 @@ def pretrain_clicker(
         "final_loss": history[-1]["loss"],
     }
     return _atomic_save(model, target, metadata)
+
+
+def _backbone_is_imagenet(model: ClickSegmenter) -> bool:
+    """True when the model's backbone weights (and batch-norm statistics) are exactly the ImageNet Lite0's."""
+    import torch
+
+    if model.config.tiny:
+        return False
+    reference = ClickSegmenter(replace(model.config, pretrained=True)).backbone.state_dict()
+    own = model.backbone.state_dict()
+    return reference.keys() == own.keys() and all(torch.equal(reference[k], own[k]) for k in reference)
+
+
+def ship_clicker(model_dir: Path, shipped_root: Path = SHIPPED_CLICKERS) -> Path:
+    """Write a pre-trained clicker's decoder for shipping: ``shipped_root/<folder name>/``.
+
+    Only a clicker whose backbone stayed the ImageNet one can ship (the default recipe freezes it): its
+    unpacked copy is then the same model, weight for weight.
+
+    Raises:
+        ValueError: the backbone was trained (or is the tiny test pyramid).
+    """
+    from safetensors.torch import save_file
+
+    from models.student.checkpoint import read_model_metadata
+
+    model_dir = Path(model_dir)
+    model = load_clicker(model_dir)
+    if not _backbone_is_imagenet(model):
+        raise ValueError(
+            f"{model_dir}: its backbone is not the frozen ImageNet Lite0, so its decoder alone is not the "
+            "model; ship only clickers of a recipe with backbone_lr_factor 0"
+        )
+    target = Path(shipped_root) / model_dir.name
+    target.mkdir(parents=True, exist_ok=True)
+    decoder = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
+    save_file(decoder, str(target / "decoder.safetensors"))
+    (target / "config.json").write_text(json.dumps(read_model_metadata(model_dir), indent=2, sort_keys=True))
+    return target
+
+
+def unpack_shipped_clicker(shipped: Path, target: Path) -> Path:
+    """A shipped decoder + the ImageNet backbone -> a saved clicker at ``target`` (as pre-training saves it)."""
+    from safetensors.torch import load_file
+
+    from models.student.checkpoint import config_from_dict
+
+    metadata = json.loads((shipped / "config.json").read_text())
+    config = replace(config_from_dict(ClickerConfig, metadata), pretrained=True)
+    model = ClickSegmenter(config)
+    missing, unexpected = model.load_state_dict(load_file(str(shipped / "decoder.safetensors")), strict=False)
+    if unexpected or any(not k.startswith(BACKBONE_PREFIX) for k in missing):
+        raise ValueError(
+            f"{shipped} does not fit this ClickSegmenter (unexpected {unexpected[:3]}, missing "
+            f"{[k for k in missing if not k.startswith(BACKBONE_PREFIX)][:3]}): ship it again with "
+            "`loom clicker pretrain --ship`"
+        )
+    known = {f.name for f in fields(ClickerConfig)} | {"architecture"}
+    extra = {k: v for k, v in metadata.items() if k not in known}
+    log.info("clicker %s unpacked from the shipped decoder (no pre-training needed)", target.name)
+    return _atomic_save(model.eval(), target, {**extra, "shipped": True})
 
 
 def load_clicker(model_dir: Path) -> ClickSegmenter:

@@ -54,6 +54,25 @@ def image_digest(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def clicked_pixels_obey(mask: np.ndarray, clicks: Sequence[Click]) -> np.ndarray:
+    """Give each clicked pixel its click's label, in click order (a later click on a pixel wins).
+
+    A click is the annotator's statement about that pixel; when the network's answer contradicts it
+    (a thin yarn it does not grow into), the next click would land on the same spot again. Only the one
+    pixel under each click is set, so a wrong network answer around it stays visible to fix.
+
+    Args:
+        mask: (H, W) bool, modified in place and returned.
+        clicks: image-coordinate clicks (pixel centres at integer coordinates).
+    """
+    height, width = mask.shape
+    for click in clicks:
+        y, x = round(click.y), round(click.x)
+        if 0 <= y < height and 0 <= x < width:
+            mask[y, x] = click.is_positive
+    return mask
+
+
 class ClickPredictor:
     """Turns clicks (and a previous mask) on a full image into a full-image mask.
 
@@ -182,7 +201,7 @@ class ClickPredictor:
             while len(self._last_crop) > REMEMBERED_IMAGES:
                 self._last_crop.popitem(last=False)
         threshold = self.config.threshold
-        mask = paste(probs, crop, prev_mask, threshold)
+        mask = clicked_pixels_obey(paste(probs, crop, prev_mask, threshold), clicks)
         inside = uncrop(probs, crop)
         fg = inside[inside >= threshold]
         score = float(fg.mean()) if fg.size else 0.0

@@ -232,6 +232,19 @@ def test_follow_up_clicks_reuse_the_cached_backbone() -> None:
     assert not predictor.predict(image.copy(), [Click(61.0, 60.0, True)]).encoded
 
 
+def test_clicked_pixels_take_their_clicks_label() -> None:
+    predictor = ClickPredictor(tiny_model())
+    image = fabric(np.random.default_rng(2), 96, 96)
+    everything = np.ones((96, 96), bool)
+    # The network's answer is whatever a random model says; the clicked pixels are not up to it.
+    clicks = [Click(40.0, 40.0, True), Click(50.2, 61.7, False), Click(30.0, 30.0, True)]
+    answer = predictor.predict(image, clicks, prev_mask=everything).mask
+    assert answer[40, 40] and not answer[50, 62] and answer[30, 30]
+    # A later click on the same pixel wins.
+    again = predictor.predict(image, [*clicks, Click(40.4, 39.6, False)], prev_mask=answer).mask
+    assert not again[40, 40] and again[30, 30]
+
+
 def test_predictor_on_a_line_scan_frame_runs_on_a_small_crop() -> None:
     predictor = ClickPredictor(tiny_model())
     frame = fabric(np.random.default_rng(1), 256, 4096)
