@@ -407,7 +407,9 @@ def clicker_pretrain(
     config: str = typer.Option(None, "--config", help="Recipe: default or tiny (default: params.yaml's)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the rendered images, the sampling and the weights."),
     retrain: bool = typer.Option(
-        False, "--retrain", help="Train even when a cached or shipped copy exists (reproduces the shipped one)."
+        False,
+        "--retrain",
+        help="Train even when a cached or shipped copy exists (reproduces the shipped).",
     ),
     ship: bool = typer.Option(
         False, "--ship", help="Then write its decoder into models/clicker/shipped/ (commit it with the code)."

@@ -291,7 +291,7 @@ def ship_clicker(model_dir: Path, shipped_root: Path = SHIPPED_CLICKERS) -> Path
 
 
 def unpack_shipped_clicker(shipped: Path, target: Path) -> Path:
-    """A shipped decoder + the ImageNet backbone -> a saved clicker at ``target`` (as pre-training saves it)."""
+    """A shipped decoder + the ImageNet backbone -> a saved clicker at ``target`` (as pre-training saves)."""
     from safetensors.torch import load_file
 
     from models.student.checkpoint import config_from_dict
