@@ -190,7 +190,48 @@ def noc(args: argparse.Namespace) -> dict:
         segmenters["fine-tuned"] = ClickPredictor.from_pretrained(tuned).segmenter()
     ordered = {name: segmenters[name] for name in METHODS if name in segmenters}
     table = evaluate_objects(ordered, objects)
-    return {"methods": table, **info}
+    result = {"methods": table, **info}
+    if args.per_object:
+        models = {"pretrained": pretrained} | ({"fine-tuned": tuned} if "fine-tuned" in segmenters else {})
+        result["per_object"] = {
+            name: per_object(model_dir, objects) for name, model_dir in models.items() if name in segmenters
+        }
+    return result
+
+
+def per_object(model_dir: Path, objects: list) -> dict[str, list[dict]]:
+    """Each object's run from each start, on a fresh predictor run in the table's order (same answers)."""
+    from models.clicker import ClickPredictor
+    from models.clicker.noc import STARTS, run_object
+
+    segment = ClickPredictor.from_pretrained(model_dir).segmenter()
+    out: dict[str, list[dict]] = {}
+    for start in STARTS:
+        out[start] = []
+        for obj in objects:
+            run = run_object(segment, obj, start)
+            rows, cols = np.nonzero(obj.mask)
+            out[start].append(
+                {
+                    "object": obj.name,
+                    "area": int(obj.mask.sum()),
+                    "box": f"{np.ptp(rows) + 1}x{np.ptp(cols) + 1}",
+                    "noc85": run.clicks_to(0.85, 20),
+                    "noc90": run.clicks_to(0.9, 20),
+                    "best_iou": round(max(run.ious), 3),
+                }
+            )
+    return out
+
+
+def format_per_object(rows: dict[str, list[dict]]) -> str:
+    lines = ["| object | area px | box | NoC@85 | NoC@90 | best IoU |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(
+            f"| {row['object']} | {row['area']} | {row['box']} | {row['noc85']} | {row['noc90']} "
+            f"| {row['best_iou']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def latency_row(first: list[float], follow: list[float]) -> dict:
@@ -393,6 +434,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="latency: this clicker folder instead of the pre-trained")
     parser.add_argument("--frames", type=int, default=10, help="latency: frames per shape")
     parser.add_argument("--repeats", type=int, default=3, help="latency: passes over the frames")
+    parser.add_argument("--per-object", action="store_true", help="also each object's NoC per start")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     args.train, args.model_config = parse_overrides(args.train), parse_overrides(args.model_config)
@@ -431,6 +473,10 @@ def main() -> None:
         from loom.clicking import format_table
 
         print(format_table(result, TITLES))
+        for name, starts in result.get("per_object", {}).items():
+            for start, rows in starts.items():
+                print(f"\nPer object, {name}, from {'nothing' if start == 'empty' else start}:\n")
+                print(format_per_object(rows))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
 
