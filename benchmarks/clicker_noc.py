@@ -160,6 +160,7 @@ def noc(args: argparse.Namespace) -> dict:
         "images_with_objects": sum(bool(m.any()) for m in masks),
     }
     segmenters = {}
+    tuned_dirs: dict[str, Path] = {}
     baselines = [m for m in ("grabcut", "teacher_grow") if m in args.methods]
     segmenters |= build_methods(baselines, pretrained, maps)
     if "pretrained" in args.methods:
@@ -172,31 +173,45 @@ def noc(args: argparse.Namespace) -> dict:
             [train_masks[i] for i in picked],
             [teacher[train_stems[i]][0] for i in picked],
         )
+        seeds = args.fine_tune_seeds or [args.seed]
         started = time.perf_counter()
-        tuned, _ = fine_tune_clicker(
-            pretrained,
-            reviewed,
-            work / f"fine-tuned-{pretrained.name}",
-            epochs=max(1, args.fine_tune_steps // 25),
-            steps_per_epoch=25,
-            seed=args.seed,
-            lr=args.fine_tune_lr,
-            rehearsal_images=args.rehearsal,
-        )
+        for seed in seeds:
+            tuned, _ = fine_tune_clicker(
+                pretrained,
+                reviewed,
+                work / f"fine-tuned-{pretrained.name}{'' if seed == args.seed else f'-s{seed}'}",
+                epochs=max(1, args.fine_tune_steps // 25),
+                steps_per_epoch=25,
+                seed=seed,
+                lr=args.fine_tune_lr,
+                rehearsal_images=args.rehearsal,
+            )
+            name = "fine-tuned" if len(seeds) == 1 else f"fine-tuned, seed {seed}"
+            segmenters[name] = ClickPredictor.from_pretrained(tuned).segmenter()
+            tuned_dirs[name] = tuned
         info["fine_tune_steps"] = 25 * max(1, args.fine_tune_steps // 25)
-        info["fine_tune_seconds"] = round(time.perf_counter() - started, 1)
+        info["fine_tune_seconds"] = round((time.perf_counter() - started) / len(seeds), 1)
         info["fine_tune_objects"] = len(reviewed)
-
-        segmenters["fine-tuned"] = ClickPredictor.from_pretrained(tuned).segmenter()
-    ordered = {name: segmenters[name] for name in METHODS if name in segmenters}
+    ordered = {name: segmenters[name] for name in [*METHODS, *tuned_dirs] if name in segmenters}
     table = evaluate_objects(ordered, objects)
     result = {"methods": table, **info}
+    if len(tuned_dirs) > 1:
+        result["fine_tune_spread"] = seed_spread([table[name] for name in tuned_dirs])
     if args.per_object:
-        models = {"pretrained": pretrained} | ({"fine-tuned": tuned} if "fine-tuned" in segmenters else {})
-        result["per_object"] = {
-            name: per_object(model_dir, objects) for name, model_dir in models.items() if name in segmenters
-        }
+        models = {"pretrained": pretrained} if "pretrained" in segmenters else {}
+        result["per_object"] = {name: per_object(d, objects) for name, d in (models | tuned_dirs).items()}
     return result
+
+
+def seed_spread(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """{start: {metric: [mean, min, max]}} over the fine-tuning seeds' rows."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for start in rows[0]:
+        out[start] = {}
+        for metric in ("noc85", "noc90", "fail20"):
+            values = [row[start][metric] for row in rows]
+            out[start][metric] = [float(np.mean(values)), float(min(values)), float(max(values))]
+    return out
 
 
 def per_object(model_dir: Path, objects: list) -> dict[str, list[dict]]:
@@ -434,6 +449,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, help="latency: this clicker folder instead of the pre-trained")
     parser.add_argument("--frames", type=int, default=10, help="latency: frames per shape")
     parser.add_argument("--repeats", type=int, default=3, help="latency: passes over the frames")
+    parser.add_argument(
+        "--fine-tune-seeds", type=int, nargs="+", help="fine-tune once per seed (default: --seed); spread"
+    )
     parser.add_argument("--per-object", action="store_true", help="also each object's NoC per start")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
@@ -472,7 +490,11 @@ def main() -> None:
         )
         from loom.clicking import format_table
 
-        print(format_table(result, TITLES))
+        titles = TITLES | {name: f"Defect-Click {name}" for name in result["methods"] if "seed" in name}
+        print(format_table(result, titles))
+        for start, metrics in result.get("fine_tune_spread", {}).items():
+            spread = ", ".join(f"{k} {m:.2f} ({lo:.2f} to {hi:.2f})" for k, (m, lo, hi) in metrics.items())
+            print(f"\nfine-tuned over seeds, from {'nothing' if start == 'empty' else start}: {spread}")
         for name, starts in result.get("per_object", {}).items():
             for start, rows in starts.items():
                 print(f"\nPer object, {name}, from {'nothing' if start == 'empty' else start}:\n")
