@@ -421,6 +421,8 @@ def format_latency(result: dict) -> str:
 
 
 def main() -> None:
+    from loom.clicking import FINE_TUNE_LR
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -438,7 +440,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fine-tune-steps", type=int, default=200, help="a multiple of 25")
-    parser.add_argument("--fine-tune-lr", type=float, default=5e-4)
+    parser.add_argument("--fine-tune-lr", type=float, default=FINE_TUNE_LR)
     parser.add_argument(
         "--rehearsal", type=int, default=0, help="rendered images mixed into fine-tuning (forgetting)"
     )
