@@ -432,7 +432,11 @@ def clicker_pretrain(
         model_dir = pretrain_clicker(pretrained_clicker_root(settings), config, seed)
     typer.echo(f"pre-trained clicker: {model_dir}")
     if ship:
-        typer.echo(f"shipped decoder: {ship_clicker(model_dir)}")
+        try:
+            typer.echo(f"shipped decoder: {ship_clicker(model_dir)}")
+        except ValueError as error:
+            typer.echo(f"not shipped: {error}", err=True)
+            raise typer.Exit(1) from error
 
 
 def _defect_gen_cache(settings: Settings) -> Path:

@@ -173,6 +173,25 @@ def _generate(data: Path, workspace: Path, out: Path, *extra: str) -> tuple[int,
     return int(made.group(1)), result.stderr
 
 
+def test_clicker_pretrain_reuses_the_cache_retrains_on_request_and_ships_only_frozen_backbones(
+    workspace: Path, tiny_clicker: Path
+) -> None:
+    from loom.clicking import SHIPPED_CLICKERS
+
+    cached = runner.invoke(app, ["clicker", "pretrain", "--workspace", str(workspace)])
+    assert cached.exit_code == 0, cached.output
+    assert str(tiny_clicker) in cached.output
+    again = runner.invoke(app, ["clicker", "pretrain", "--retrain", "--workspace", str(workspace)])
+    assert again.exit_code == 0, again.output
+    retrained = Path(again.output.split("pre-trained clicker: ", 1)[1].split()[0])
+    assert retrained != tiny_clicker and retrained.name == tiny_clicker.name
+    assert (retrained / "model.safetensors").is_file()
+    shipped_before = sorted(p.name for p in SHIPPED_CLICKERS.iterdir())
+    ship = runner.invoke(app, ["clicker", "pretrain", "--ship", "--workspace", str(workspace)])
+    assert ship.exit_code == 1 and "not the frozen ImageNet" in ship.output
+    assert sorted(p.name for p in SHIPPED_CLICKERS.iterdir()) == shipped_before
+
+
 def test_augment_train_then_generate(data: Path, workspace: Path, tmp_path: Path) -> None:
     settings = load_settings(workspace)
     args = ["augment", "train", *_labeled(data)]
