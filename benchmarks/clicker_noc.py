@@ -193,13 +193,21 @@ def noc(args: argparse.Namespace) -> dict:
         info["fine_tune_seconds"] = round((time.perf_counter() - started) / len(seeds), 1)
         info["fine_tune_objects"] = len(reviewed)
     ordered = {name: segmenters[name] for name in [*METHODS, *tuned_dirs] if name in segmenters}
-    table = evaluate_objects(ordered, objects)
+    runs: dict[str, dict[str, list]] = {}
+
+    def keep_clicker_runs(name: str, start: str, object_runs: list) -> None:
+        if name == "pretrained" or name in tuned_dirs:
+            runs.setdefault(name, {})[start] = object_runs
+
+    table = evaluate_objects(ordered, objects, on_runs=keep_clicker_runs if args.per_object else None)
     result = {"methods": table, **info}
     if len(tuned_dirs) > 1:
         result["fine_tune_spread"] = seed_spread([table[name] for name in tuned_dirs])
     if args.per_object:
-        models = {"pretrained": pretrained} if "pretrained" in segmenters else {}
-        result["per_object"] = {name: per_object(d, objects) for name, d in (models | tuned_dirs).items()}
+        result["per_object"] = {
+            name: {start: per_object(object_runs, objects) for start, object_runs in starts.items()}
+            for name, starts in runs.items()
+        }
     return result
 
 
@@ -214,32 +222,25 @@ def seed_spread(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
     return out
 
 
-def per_object(model_dir: Path, objects: list) -> dict[str, list[dict]]:
-    """Each object's run from each start, on a fresh predictor run in the table's order (same answers)."""
-    from models.clicker import ClickPredictor
-    from models.clicker.noc import STARTS, run_object
-
-    segment = ClickPredictor.from_pretrained(model_dir).segmenter()
-    out: dict[str, list[dict]] = {}
-    for start in STARTS:
-        out[start] = []
-        for obj in objects:
-            run = run_object(segment, obj, start)
-            rows, cols = np.nonzero(obj.mask)
-            out[start].append(
-                {
-                    "object": obj.name,
-                    "area": int(obj.mask.sum()),
-                    "box": f"{np.ptp(rows) + 1}x{np.ptp(cols) + 1}",
-                    "noc85": run.clicks_to(0.85, 20),
-                    "noc90": run.clicks_to(0.9, 20),
-                    "best_iou": round(max(run.ious), 3),
-                }
-            )
+def per_object(runs: list, objects: list) -> list[dict]:
+    """One row per object of the table's own runs (``runs[i]`` is ``objects[i]``'s)."""
+    out = []
+    for run, obj in zip(runs, objects, strict=True):
+        rows, cols = np.nonzero(obj.mask)
+        out.append(
+            {
+                "object": obj.name,
+                "area": int(obj.mask.sum()),
+                "box": f"{np.ptp(rows) + 1}x{np.ptp(cols) + 1}",
+                "noc85": run.clicks_to(0.85, 20),
+                "noc90": run.clicks_to(0.9, 20),
+                "best_iou": round(max(run.ious), 3),
+            }
+        )
     return out
 
 
-def format_per_object(rows: dict[str, list[dict]]) -> str:
+def format_per_object(rows: list[dict]) -> str:
     lines = ["| object | area px | box | NoC@85 | NoC@90 | best IoU |", "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(

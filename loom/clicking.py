@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from models.clicker import (
     split_objects,
     train_clicker,
 )
-from models.clicker.noc import OBJECT_GAP, STARTS
+from models.clicker.noc import OBJECT_GAP, STARTS, NocRun
 
 log = logging.getLogger(__name__)
 
@@ -304,16 +304,15 @@ def unpack_shipped_clicker(shipped: Path, target: Path) -> Path:
     config = replace(config_from_dict(ClickerConfig, metadata), pretrained=True)
     model = ClickSegmenter(config)
     missing, unexpected = model.load_state_dict(load_file(str(shipped / "decoder.safetensors")), strict=False)
-    if unexpected or any(not k.startswith(BACKBONE_PREFIX) for k in missing):
+    missing = [k for k in missing if not k.startswith(BACKBONE_PREFIX)]
+    if unexpected or missing:
         raise ValueError(
             f"{shipped} does not fit this ClickSegmenter (unexpected {unexpected[:3]}, missing "
-            f"{[k for k in missing if not k.startswith(BACKBONE_PREFIX)][:3]}): ship it again with "
-            "`loom clicker pretrain --ship`"
+            f"{missing[:3]}): ship it again with `loom clicker pretrain --retrain --ship`"
         )
-    known = {f.name for f in fields(ClickerConfig)} | {"architecture"}
-    extra = {k: v for k, v in metadata.items() if k not in known}
     log.info("clicker %s unpacked from the shipped decoder (no pre-training needed)", target.name)
-    return _atomic_save(model.eval(), target, {**extra, "shipped": True})
+    # save_pretrained writes the config fields over the metadata's copies of them.
+    return _atomic_save(model.eval(), target, {**metadata, "shipped": True})
 
 
 def load_clicker(model_dir: Path) -> ClickSegmenter:
@@ -535,14 +534,17 @@ def evaluate_objects(
     objects: Sequence[NocObject],
     starts: Sequence[str] = STARTS,
     max_clicks: int = 20,
+    on_runs: Callable[[str, str, list[NocRun]], None] | None = None,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
-    """NoC rows per method and start: ``{method: {start: {noc85, noc90, fail20, objects, ...}}}``."""
+    """NoC rows per method and start: ``{method: {start: {noc85, noc90, fail20, objects, ...}}}``;
+    ``on_runs(method, start, runs)`` receives each row's per-object runs."""
     table: dict[str, dict[str, dict[str, float | int]]] = {}
     for name, segment in methods.items():
         table[name] = {}
         for start in starts:
             started = time.perf_counter()
-            table[name][start] = evaluate_noc(segment, objects, start, max_clicks)
+            keep = None if on_runs is None else lambda runs, n=name, s=start: on_runs(n, s, runs)
+            table[name][start] = evaluate_noc(segment, objects, start, max_clicks, on_runs=keep)
             log.info(
                 "NoC %s from %s: %s (%.0f s)", name, start, table[name][start], time.perf_counter() - started
             )

@@ -164,14 +164,6 @@ def wait_for_clicker(settings: Settings, console: Console, timeout_s: float = 12
     raise RuntimeError(f"the ML backend's click model was not ready within {timeout_s:.0f} s")
 
 
-def drain_prefect_logs(timeout_s: float = 10.0) -> None:
-    """Send the flow runs' queued log lines to the Prefect server before the stack stops: a line still
-    queued then makes the exiting process retry a server that is gone (a minute, then an error)."""
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all(timeout=timeout_s)
-
-
 def run_demo(
     settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
 ) -> list[dict]:
@@ -230,7 +222,6 @@ def run_demo(
     console.print(f"Prefect UI:   http://{settings.ports.host}:{settings.ports.prefect}")
     console.print(f"MLflow UI:    {settings.mlflow_ui_url}")
     if not keep_running:
-        drain_prefect_logs()
         stack.down(settings)
     else:
         console.print("servers keep running: `loom down` stops them")

@@ -653,8 +653,17 @@ def up(
     return status(settings, services)
 
 
+def _drain_prefect_logs(timeout_s: float = 10.0) -> None:
+    """Send this process's queued flow-run log lines to the Prefect server while it is still up: a line
+    still queued after it stops makes the exiting process retry it (a minute, then an error). A process
+    that never imported Prefect's log handlers (``loom down``) has nothing queued."""
+    if "prefect.logging.handlers" in sys.modules:
+        sys.modules["prefect.logging.handlers"].APILogWorker.drain_all(timeout=timeout_s)
+
+
 def down(settings: Settings, timeout_s: float = 30) -> None:
     """Stop every server of the workspace with its children (SIGTERM, then SIGKILL after ``timeout_s``)."""
+    _drain_prefect_logs()
     # The worker first: it would otherwise keep retrying a Prefect server that is already gone. It turns
     # SIGTERM into SIGINT and then idles; it holds no state, so it gets a few seconds, not ``timeout_s``.
     _stop_processes(settings, [WORKER], min(timeout_s, WORKER_STOP_S))

@@ -191,8 +191,14 @@ def evaluate_noc(
     max_clicks: int = 20,
     thresholds: Sequence[float] = (0.85, 0.9),
     fail_threshold: float = 0.9,
+    on_runs: Callable[[list[NocRun]], None] | None = None,
 ) -> dict[str, float | int]:
-    """The NoC protocol over ``objects`` from one start; see :func:`summarise` for the keys."""
+    """The NoC protocol over ``objects`` from one start; see :func:`summarise` for the keys.
+
+    ``on_runs`` receives the per-object runs (in ``objects`` order) before they are summarised.
+    """
     stop = max(*thresholds, fail_threshold)
     runs = [run_object(segment, obj, start, max_clicks, stop) for obj in objects]
+    if on_runs is not None:
+        on_runs(runs)
     return summarise(runs, max_clicks, thresholds, fail_threshold)
