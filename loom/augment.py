@@ -35,6 +35,7 @@ from loom.imageio import read_image, read_mask, write_mask, write_png
 from loom.predict import class_color
 from models.defect_gen.config import DefectGenConfig, preset
 from models.defect_gen.data import instance_labels
+from models.defect_gen.placement import feather_alpha
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ def _cuts(masks: Sequence[np.ndarray], class_id: int) -> list[tuple[_Cut, np.nda
             if box is not None:
                 found.append((_Cut(index, label, box), labels))
     return found
-
-
-def feather_alpha(own: np.ndarray, margin: int) -> np.ndarray:
-    """1 on the defect's pixels, falling linearly to 0 over ``margin`` pixels around them."""
-    distance = ndimage.distance_transform_edt(~own)
-    return np.clip(1.0 - distance / (margin + 1.0), 0.0, 1.0).astype(np.float32)
 
 
 def copy_paste_pairs(

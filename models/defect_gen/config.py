@@ -1,7 +1,7 @@
 """Settings of Defect-Gen: the two networks, the shared noise schedule, training and sampling.
 
 Three presets: ``tiny`` (unit tests, seconds), ``cpu`` (a round on 2 CPU cores in minutes: 64 px crops,
-small networks, a few hundred steps, at most 150 s) and ``full`` (a GPU: 96 px crops, wider and deeper
+small networks, 500 + 1,200 steps, at most 360 s) and ``full`` (a GPU: 96 px crops, wider and deeper
 networks, thousands of steps, bf16 autocast). :func:`preset` with no name picks ``full`` when CUDA is
 present, else ``cpu``.
 """
@@ -31,17 +31,20 @@ class DefectGenConfig:
         norm_groups: GroupNorm groups of both networks.
     Schedule:
         num_train_timesteps: T; beta_schedule: diffusers name of the betas (one set for both models);
-            prediction_type: what both networks predict, ``epsilon`` (as published) or ``v_prediction``.
+            prediction_type: what both networks predict, ``v_prediction`` or ``epsilon`` (as published).
         switch_fraction: s = round(switch_fraction * T); the large model handles t >= s, the small one t < s.
     Training:
         large_steps / small_steps: optimiser steps of each model; batch_size; lr (AdamW, warm-up then cosine);
         jitter: colour jitter amplitude (gain and offset, in [-1, 1] units); max_train_seconds: a wall-clock
-        cap on both models together (None: none), shared in proportion to their steps; a model that reaches
-        its share stops early and says so in its history.
+        cap on both models together (None: none): the small model, cheap per step, trains first within its
+        share in proportion to the steps, and the large one gets the rest; a model that reaches its cap
+        stops early and says so in its history.
     Sampling:
         sampler: ``ddim`` or ``ddpm`` (same betas as training); sampling_steps: steps of the one descent;
         resample_jumps: RePaint resampling, each step redone that many more times after re-noising its
-        result back to t (0 = none); batch_size_sample: crops per forward pass.
+        result back to t (0 = none); batch_size_sample: crops per forward pass; paste_margin: the rim in
+        pixels around the generated mask over which the generated pixels blend into the real fabric
+        (models/defect_gen/placement.py).
     """
 
     crop_size: int = 64
@@ -50,16 +53,17 @@ class DefectGenConfig:
     large_channels: tuple[int, ...] = (32, 32, 64, 64)
     large_attention: tuple[bool, ...] = (False, False, False, True)
     large_layers: int = 1
-    small_channels: tuple[int, ...] = (16, 32)
+    small_channels: tuple[int, ...] = (32, 64)
     small_layers: int = 1
     norm_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "epsilon"
+    # v, not the published epsilon: epsilon at low t leaves the +-1 mask channels noisy (BENCHMARKS.md).
+    prediction_type: str = "v_prediction"
     switch_fraction: float = 0.4
-    large_steps: int = 400
-    small_steps: int = 400
-    batch_size: int = 16
+    large_steps: int = 500
+    small_steps: int = 1200
+    batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 20
     jitter: float = 0.05
@@ -68,6 +72,7 @@ class DefectGenConfig:
     sampling_steps: int = 25
     resample_jumps: int = 0
     batch_size_sample: int = 16
+    paste_margin: int = 3
     name: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -102,11 +107,11 @@ class DefectGenConfig:
         if any(c % self.norm_groups for c in (*self.large_channels, *self.small_channels)):
             raise ValueError(f"every channel width must be divisible by norm_groups={self.norm_groups}")
 
-    def seconds_cap(self, steps: int) -> float | None:
-        """The share of ``max_train_seconds`` of a model that trains ``steps`` steps."""
+    def small_seconds_cap(self) -> float | None:
+        """The small model's share of ``max_train_seconds`` (in proportion to its steps)."""
         if self.max_train_seconds is None:
             return None
-        return self.max_train_seconds * steps / max(1, self.large_steps + self.small_steps)
+        return self.max_train_seconds * self.small_steps / max(1, self.large_steps + self.small_steps)
 
     @property
     def switch_timestep(self) -> int:
@@ -148,9 +153,8 @@ PRESETS: dict[str, DefectGenConfig] = {
         batch_size_sample=8,
         name="tiny",
     ),
-    # 400 + 400 steps take ~30 min on 2 busy cores: a round caps them at 150 s (a warm start from the
-    # last round's model continues where it stopped); BENCHMARKS.md measures what that costs in quality.
-    "cpu": DefectGenConfig(max_train_seconds=150.0, name="cpu"),
+    # ~4 min on 2 idle cores (BENCHMARKS.md): the 1,200 small-model steps are what cleans the image channels.
+    "cpu": DefectGenConfig(max_train_seconds=360.0, name="cpu"),
     "full": DefectGenConfig(
         crop_size=96,
         region_size=64,

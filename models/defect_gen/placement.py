@@ -1,9 +1,12 @@
 """Put generated defects into real normal images at full resolution, and reject broken samples.
 
 A crop of the pipeline's size is cut at a random place of a full-resolution normal image, the defect is
-generated inside the crop's inpainting square (conditioned on the real fabric around it), and the square is
-written back at the same place: the result is the whole normal image, untouched outside the square, with
-one generated defect and its class mask.
+generated inside the crop's inpainting square (conditioned on the real fabric around it), and the generated
+defect is written back at the same place: its mask's pixels exactly, blended into the real fabric over a
+``paste_margin`` pixel rim (the defect's own edge), and the real fabric everywhere else. The generated
+background of the square is a worse copy of fabric that is right there; keeping it would hand the student
+a square of smoothed weave labeled "normal". The result is the whole normal image with one generated defect
+and its class mask.
 
 Rejection, with a count per reason:
 - ``empty``: fewer than ``min_pixels`` pixels of the asked class;
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from models.defect_gen.data import count_components
 from models.defect_gen.pipeline import DefectGenPipeline, region_box
@@ -99,20 +103,36 @@ def random_crop_corner(shape: tuple[int, int], size: int, rng: np.random.Generat
     return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
 
 
-def place(
-    normal: np.ndarray, crop: np.ndarray, crop_mask: np.ndarray, top: int, left: int, box: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The normal image with the crop's inpainting square written back at (top, left), and its class mask.
+def feather_alpha(own: np.ndarray, margin: int) -> np.ndarray:
+    """1 on the defect's pixels, falling linearly to 0 over ``margin`` pixels around them."""
+    distance = ndimage.distance_transform_edt(~own)
+    return np.clip(1.0 - distance / (margin + 1.0), 0.0, 1.0).astype(np.float32)
 
-    Pixels outside the square are the normal image's own bytes.
+
+def place(
+    normal: np.ndarray,
+    crop: np.ndarray,
+    crop_mask: np.ndarray,
+    top: int,
+    left: int,
+    box: tuple[int, int],
+    margin: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The normal image with the crop's generated defect written back at (top, left), and its class mask.
+
+    Inside the inpainting square the crop's pixels replace the normal's with weight 1 on the mask's pixels,
+    falling to 0 over ``margin`` pixels around them; everything else is the normal image's own bytes.
     """
     start, stop = box
+    square = crop_mask[start:stop, start:stop]
+    alpha = feather_alpha(square > 0, margin)[..., None]
     image = normal.copy()
     mask = np.zeros(normal.shape[:2], dtype=np.uint8)
     rows = slice(top + start, top + stop)
     cols = slice(left + start, left + stop)
-    image[rows, cols] = crop[start:stop, start:stop]
-    mask[rows, cols] = crop_mask[start:stop, start:stop]
+    generated = crop[start:stop, start:stop].astype(np.float32)
+    image[rows, cols] = np.round(alpha * generated + (1 - alpha) * image[rows, cols]).astype(np.uint8)
+    mask[rows, cols] = square
     return image, mask
 
 
@@ -158,7 +178,11 @@ def generate_on_normals(
         report.generated += batch
         for i, (top, left), image, mask in zip(picks, corners, images, masks, strict=True):
             reason = rejection_reason(mask[box[0] : box[1], box[0] : box[1]], class_id, limit, rules)
-            full = place(normals[i], image, mask, top, left, box) if reason is None else None
+            full = (
+                place(normals[i], image, mask, top, left, box, config.paste_margin)
+                if reason is None
+                else None
+            )
             if (
                 full is not None
                 and scorer is not None

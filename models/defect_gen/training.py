@@ -76,6 +76,7 @@ def train_denoiser(
     config: DefectGenConfig,
     seed: int = 0,
     steps: int | None = None,
+    max_seconds: float | None = None,
     on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train one denoiser in place on its timestep range; returns the loss history.
@@ -85,14 +86,15 @@ def train_denoiser(
         which: ``"large"`` or ``"small"``: picks the timestep range and whether to cut patches.
         crops: the class-balanced crop sampler (on the training device).
         scheduler: the training scheduler (noise levels).
-        config: steps, batch size, learning rate, warm-up, time cap.
+        config: steps, batch size, learning rate, warm-up.
         seed: seeds the crops, patches, timesteps and noise (a CPU generator: same draws on any device).
         steps: overrides ``config.large_steps`` / ``config.small_steps`` (warm starts train fewer).
+        max_seconds: stop after this many seconds of training (None: no cap).
         on_log: called with each history entry.
 
     Returns:
         Entries ``{"step", "loss", "seconds"}`` every :data:`LOG_EVERY` steps (the loss averaged since the
-        previous entry); the last entry also carries ``"stopped_early": 1.0`` when ``max_train_seconds`` cut
+        previous entry); the last entry also carries ``"stopped_early": 1.0`` when ``max_seconds`` cut
         the training short.
     """
     if which not in (LARGE, SMALL):
@@ -106,7 +108,6 @@ def train_denoiser(
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-4)
     lr_schedule = warmup_cosine(optimizer, config.warmup_steps, total)
     history: list[dict[str, float]] = []
-    cap = config.seconds_cap(config.large_steps if which == LARGE else config.small_steps)
     started = time.perf_counter()
     running: list[float] = []
     for step in range(total):
@@ -123,7 +124,7 @@ def train_denoiser(
         lr_schedule.step()
         running.append(loss.item())
         seconds = time.perf_counter() - started
-        over_time = cap is not None and seconds > cap
+        over_time = max_seconds is not None and seconds > max_seconds
         if (step + 1) % LOG_EVERY == 0 or step + 1 == total or over_time:
             entry = {"step": float(step + 1), "loss": float(np.mean(running)), "seconds": seconds}
             if over_time and step + 1 < total:
@@ -135,11 +136,11 @@ def train_denoiser(
             logger.info("defect-gen %s step %d/%d loss %.4f", which, step + 1, total, entry["loss"])
         if over_time:
             logger.warning(
-                "defect-gen %s stopped at step %d/%d: its %.0f s of max_train_seconds reached",
+                "defect-gen %s stopped at step %d/%d: its %.0f s of training time reached",
                 which,
                 step + 1,
                 total,
-                cap,
+                max_seconds,
             )
             break
     unet.eval()
@@ -242,9 +243,16 @@ def train_pipeline(
         "eval_loss": {},
         "instances": len(crops.instances),
     }
-    for which, unet in ((LARGE, pipeline.large), (SMALL, pipeline.small)):
+    started_both = time.perf_counter()
+    for which, unet in ((SMALL, pipeline.small), (LARGE, pipeline.large)):
         configured = config.large_steps if which == LARGE else config.small_steps
         steps = max(1, round(configured * warm_steps_fraction)) if warm_start is not None else configured
+        if config.max_train_seconds is None:
+            cap = None
+        elif which == SMALL:
+            cap = config.small_seconds_cap()
+        else:
+            cap = max(0.0, config.max_train_seconds - (time.perf_counter() - started_both))
         started = time.perf_counter()
         history = train_denoiser(
             unet,
@@ -254,6 +262,7 @@ def train_pipeline(
             config,
             seed=seed,
             steps=steps,
+            max_seconds=cap,
             on_log=(lambda entry, w=which: on_log(w, entry)) if on_log else None,
         )
         report["history"][which] = history  # type: ignore[index]

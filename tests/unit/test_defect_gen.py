@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from models.defect_gen import DefectGenPipeline, descent, generate_on_normals, preset, train_pipeline
 from models.defect_gen.data import DefectCrops, decode, encode, find_instances
@@ -180,12 +181,30 @@ def test_place_keeps_the_normal_outside_the_region() -> None:
     normal = _normals(1, 40)[0]
     crop = np.full((config.crop_size, config.crop_size, 3), 7, np.uint8)
     crop_mask = np.full(crop.shape[:2], 2, np.uint8)
-    image, mask = place(normal, crop, crop_mask, 5, 9, region_box(config))
+    image, mask = place(normal, crop, crop_mask, 5, 9, region_box(config), margin=2)
     start, stop = region_box(config)
     inside = np.zeros(mask.shape, bool)
     inside[5 + start : 5 + stop, 9 + start : 9 + stop] = True
     np.testing.assert_array_equal(image[~inside], normal[~inside])
     assert (image[inside] == 7).all() and (mask[inside] == 2).all() and not mask[~inside].any()
+
+
+def test_place_writes_the_defect_and_a_rim_only() -> None:
+    config = preset("tiny")
+    normal = _normals(1, 40)[0]
+    crop = np.full((config.crop_size, config.crop_size, 3), 7, np.uint8)
+    crop_mask = np.zeros(crop.shape[:2], np.uint8)
+    start, _ = region_box(config)
+    crop_mask[start + 2 : start + 4, start + 2 : start + 4] = 1  # a 2 x 2 defect inside the square
+    image, mask = place(normal, crop, crop_mask, 0, 0, region_box(config), margin=2)
+    defect = mask > 0
+    assert defect.sum() == 4 and (image[defect] == 7).all()
+    square = np.ones((3, 3), bool)
+    rim = ndimage.binary_dilation(defect, square, iterations=2) & ~defect
+    far = ~ndimage.binary_dilation(defect, square, iterations=3)
+    np.testing.assert_array_equal(image[far], normal[far])  # the generated square's background is not kept
+    changed = (image[rim] != normal[rim]).any(axis=1)
+    assert changed.any()  # the rim blends generated into real fabric
 
 
 def test_rejection_reasons() -> None:
