@@ -116,16 +116,20 @@ def place(
     top: int,
     left: int,
     box: tuple[int, int],
-    margin: int,
+    margin: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The normal image with the crop's generated defect written back at (top, left), and its class mask.
 
     Inside the inpainting square the crop's pixels replace the normal's with weight 1 on the mask's pixels,
-    falling to 0 over ``margin`` pixels around them; everything else is the normal image's own bytes.
+    falling to 0 over ``margin`` pixels around them (``margin=None``: weight 1 on the whole square);
+    everything else is the normal image's own bytes.
     """
     start, stop = box
     square = crop_mask[start:stop, start:stop]
-    alpha = feather_alpha(square > 0, margin)[..., None]
+    if margin is None:
+        alpha = np.ones((*square.shape, 1), np.float32)
+    else:
+        alpha = feather_alpha(square > 0, margin)[..., None]
     image = normal.copy()
     mask = np.zeros(normal.shape[:2], dtype=np.uint8)
     rows = slice(top + start, top + stop)

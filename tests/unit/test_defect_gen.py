@@ -181,12 +181,13 @@ def test_place_keeps_the_normal_outside_the_region() -> None:
     normal = _normals(1, 40)[0]
     crop = np.full((config.crop_size, config.crop_size, 3), 7, np.uint8)
     crop_mask = np.full(crop.shape[:2], 2, np.uint8)
-    image, mask = place(normal, crop, crop_mask, 5, 9, region_box(config), margin=2)
     start, stop = region_box(config)
-    inside = np.zeros(mask.shape, bool)
+    inside = np.zeros(normal.shape[:2], bool)
     inside[5 + start : 5 + stop, 9 + start : 9 + stop] = True
-    np.testing.assert_array_equal(image[~inside], normal[~inside])
-    assert (image[inside] == 7).all() and (mask[inside] == 2).all() and not mask[~inside].any()
+    for margin in (2, None):  # a defect filling the square, then the whole square written back
+        image, mask = place(normal, crop, crop_mask, 5, 9, region_box(config), margin=margin)
+        np.testing.assert_array_equal(image[~inside], normal[~inside])
+        assert (image[inside] == 7).all() and (mask[inside] == 2).all() and not mask[~inside].any()
 
 
 def test_place_writes_the_defect_and_a_rim_only() -> None:
