@@ -18,6 +18,10 @@ round's optimiser settings, ``--crops`` crops, the seed as training seed) and ar
 
 Synthetic pairs weigh SOURCE_WEIGHTS["synthetic"], human ones SOURCE_WEIGHTS["human"] (tasks/train.py).
 
+In the ``defect_gen`` arm, classes whose median labeled defect does not fit the generator's inpainting square
+are copy-pasted, as in the round (``loom.augment.generator_fits``); the sample quality below judges the
+generated pairs only.
+
 Sample quality (first seed only): (a) mask-image consistency, the IoU of the defect pixels that an oracle
 student (same config, trained on all 180 train images with their true masks, cached in ``--work``) predicts
 on each generated image with the generated mask, pooled over pairs (reference: the same oracle on the test
@@ -28,6 +32,8 @@ generated defects and on the real defects of the test split (reference: real def
     python benchmarks/defect_gen.py --work /tmp/dgbench                      # 3 seeds, markdown tables
     python benchmarks/defect_gen.py --work /tmp/dgbench --json dg.json --seeds 0 1 2 3 4
     python benchmarks/defect_gen.py --work /tmp/dgbench --arms none defect_gen --skip-quality
+    python benchmarks/defect_gen.py --work /tmp/dgbench --seeds 0 --arms defect_gen \\
+        --override prediction_type=epsilon                                     # an ablation of one field
     python benchmarks/defect_gen.py --work /tmp/dgbench-smoke --seeds 0 --shots 2 --synthetic 4 --crops 16 \\
         --preset tiny --epochs 1 --threads 1                                   # smoke run (minutes)
 """
@@ -123,6 +129,13 @@ def rarest(counts: dict[str, int]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 # Arms
 # ---------------------------------------------------------------------------------------------------------
+def generator_config(args: argparse.Namespace):
+    """The Defect-Gen config of the run: ``--preset`` with ``--override`` fields."""
+    from models.defect_gen.config import preset
+
+    return preset(args.preset, **args.override)
+
+
 def make_pairs(arm: str, args: argparse.Namespace, seed: int, labeled: tuple, classes, normals) -> tuple:
     """(Synthesis, info) of one augmented arm for one seed."""
     from loom.augment import TRAINING_REPORT, synthesise, train_defect_gen
@@ -133,7 +146,13 @@ def make_pairs(arm: str, args: argparse.Namespace, seed: int, labeled: tuple, cl
     if arm == "defect_gen":
         started = time.perf_counter()
         model_dir = train_defect_gen(
-            images, masks, classes, args.work / "defect-gen", args.preset, seed=seed, warm_start=False
+            images,
+            masks,
+            classes,
+            args.work / "defect-gen",
+            generator_config(args),
+            seed=seed,
+            warm_start=False,
         )
         wall = time.perf_counter() - started
         report = json.loads((model_dir / TRAINING_REPORT).read_text())
@@ -166,6 +185,7 @@ def make_pairs(arm: str, args: argparse.Namespace, seed: int, labeled: tuple, cl
         "plan": made.plan,
         "pairs": len(made.pairs),
         "per_class": {name: made.pair_classes.count(name) for name in made.plan if made.plan[name] > 0},
+        "methods": made.methods,
         "rejected": {reason: n for reason, n in rejected.items() if n},
         "generate_seconds": generate_s,
         "pairs_per_s": len(made.pairs) / generate_s if generate_s > 0 else float("nan"),
@@ -325,12 +345,14 @@ def sample_quality(args: argparse.Namespace, train, test_images, test_masks, mad
         test_crops=len(test_features),
     )
     for arm, synthesis in made.items():
-        pairs = synthesis.pairs
+        # Only the arm's own pairs: the Defect-Gen arm copy-pastes the classes its generator cannot hold.
+        own = [k for k, method in enumerate(synthesis.pair_methods) if method == arm]
+        pairs = [synthesis.pairs[k] for k in own]
         if not pairs:
             result["arms"][arm] = {"pairs": 0}
             continue
         outputs = predict_images(oracle, [image for image, _ in pairs])
-        row = consistency(outputs, [mask for _, mask in pairs], synthesis.pair_classes)
+        row = consistency(outputs, [mask for _, mask in pairs], [synthesis.pair_classes[k] for k in own])
         features = lite0_features(defect_crops([i for i, _ in pairs], [m for _, m in pairs]))
         row["kid"], row["kid_std"] = kid(features, test_features)
         row["crops"] = len(features)
@@ -536,7 +558,8 @@ def run(args: argparse.Namespace) -> dict:
                 if seed == args.seeds[0]:
                     made_first[arm] = made
                 progress(
-                    f"seed {seed} {arm}: {synthetic['pairs']} pairs {synthetic['per_class']} in "
+                    f"seed {seed} {arm}: {synthetic['pairs']} pairs {synthetic['per_class']} "
+                    f"({synthetic['methods']}) in "
                     f"{synthetic['generate_seconds']:.1f} s, rejected {synthetic['rejected'] or 'none'}"
                 )
             run = train_and_evaluate(args, arm, seed, samples, test_images, test_masks)
@@ -571,6 +594,9 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=2400, help="student training crops (the round's)")
     parser.add_argument("--student", default="fpn")
     parser.add_argument("--preset", default="cpu", choices=["tiny", "cpu", "full", "auto"])
+    parser.add_argument(
+        "--override", nargs="*", default=[], metavar="KEY=VALUE", help="DefectGenConfig fields (ablations)"
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
@@ -581,10 +607,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     args.arms = [arm for arm in ARMS if arm in args.arms]
+    from clicker_noc import parse_overrides  # sibling scripts: the benchmarks folder is on sys.path
+
+    args.override = parse_overrides(args.override)
     torch.set_num_threads(args.threads)
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
+    from student_speed import cpu_name
 
     started = time.perf_counter()
     result = run(args)
@@ -606,7 +635,9 @@ def main() -> None:
     print(
         f"Embedded fabric, {result['test_images']} test images. Per seed: {args.shots} labeled train images "
         f"per class + {result['normals']} normal train images; {args.synthetic} synthetic pairs per "
-        f"augmented arm (Defect-Gen preset {args.preset}); student {args.student}, {args.crops} crops"
+        f"augmented arm (Defect-Gen preset {args.preset}"
+        f"{''.join(f', {k}={v}' for k, v in args.override.items())}); "
+        f"student {args.student}, {args.crops} crops"
         f"{f', at least {args.epochs} epochs' if args.epochs else ''}. Seeds {args.seeds} ({per_seed}). "
         f"Rarest labeled class over the seeds: {summary['rarest']}. Mean over seeds (min to max):\n"
     )

@@ -95,6 +95,7 @@ def flywheel_round(
         "augment": {
             "mode": synthetic.mode,
             "per_class": synthetic.per_class,
+            "methods": synthetic.methods,
             "rejected": synthetic.rejected,
             "model_dir": synthetic.model_dir,
             "model_version": generator_version,

@@ -381,9 +381,27 @@ def generate_pairs(
     return pairs, dict(report.counts)
 
 
+def generator_fits(model_dir: str | Path) -> dict[str, bool]:
+    """Per class the generator learned: does its median training instance fit the inpainting square?
+
+    A defect is generated inside the square and must end there (the ``leaked`` check), so a class whose
+    defects are typically longer (a misweave or a broken end across the cloth) comes out as a blob that
+    teaches the student the wrong shape: BENCHMARKS.md measured it at IoU 0 for misweave in every seed.
+    """
+    pipeline = load_pipeline(model_dir)
+    side = pipeline.config.region_size
+    return {
+        name: max(stats["median_height"], stats["median_width"]) <= side
+        for name, stats in pipeline.stats.items()
+    }
+
+
 @dataclass
 class Synthesis:
-    """What :func:`synthesise` made: pairs, the class of each, the plan, per-class counts and timing."""
+    """What :func:`synthesise` made: pairs, the class and method of each, the plan, per-class counts, timing.
+
+    In ``defect_gen`` mode, classes the generator cannot hold (:func:`generator_fits`) are copy-pasted.
+    """
 
     pairs: list[Pair]
     pair_classes: list[str]
@@ -391,6 +409,11 @@ class Synthesis:
     counts: dict[str, dict[str, int]]
     model_dir: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)  # class -> defect_gen | copy_paste
+
+    @property
+    def pair_methods(self) -> list[str]:
+        return [self.methods[name] for name in self.pair_classes]
 
 
 def synthesise(
@@ -434,15 +457,18 @@ def synthesise(
         started = time.perf_counter()
         model_dir = train_defect_gen(images, masks, classes, cache_root, config, seed=seed)
         seconds["train"] = time.perf_counter() - started
+    fits = generator_fits(model_dir) if mode == "defect_gen" else {}
     pairs: list[Pair] = []
     pair_classes: list[str] = []
     counts: dict[str, dict[str, int]] = {}
+    methods: dict[str, str] = {}
     started = time.perf_counter()
     for name, n in plan.items():
         if n <= 0:
             continue
         class_seed = seed * 1000 + list(classes).index(name)
-        if mode == "defect_gen":
+        methods[name] = "defect_gen" if fits.get(name, False) else "copy_paste"
+        if methods[name] == "defect_gen":
             made, counts[name] = generate_pairs(model_dir, name, n, normals, class_seed, scorer)
         else:
             made, counts[name] = copy_paste_pairs(
@@ -451,7 +477,8 @@ def synthesise(
         pairs += made
         pair_classes += [name] * len(made)
     seconds["generate"] = time.perf_counter() - started
-    return Synthesis(pairs, pair_classes, plan, counts, Path(model_dir) if model_dir else None, seconds)
+    model_dir = Path(model_dir) if model_dir else None
+    return Synthesis(pairs, pair_classes, plan, counts, model_dir, seconds, methods)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -519,6 +519,7 @@ def augment_generate(
         MODES,
         copy_paste_pairs,
         generate_pairs,
+        generator_fits,
         instance_counts,
         load_folder,
         load_normals,
@@ -545,6 +546,12 @@ def augment_generate(
         learned = {c: int(pipeline.stats.get(c, {}).get("instances", 0)) for c in classes}
         _check_class(class_name, classes, learned, f"the model {model_dir}")
         typer.echo(f"defect-gen model: {model_dir}", err=True)
+        if not generator_fits(model_dir).get(class_name, True):
+            typer.echo(
+                f"note: most {class_name} defects are larger than the generator's square; they come out "
+                "shorter than they are (the round copy-pastes such classes: --mode copy_paste)",
+                err=True,
+            )
         make = partial(generate_pairs, model_dir, class_name, n, seed=seed)
     else:
         if images is None:

@@ -36,6 +36,7 @@ from tasks.common import class_names, human_labeled, image_of, load_manifest, sa
 class AugmentOutcome:
     mode: str  # defect_gen | copy_paste | none
     per_class: dict[str, int] = field(default_factory=dict)  # accepted synthetic pairs per class
+    methods: dict[str, str] = field(default_factory=dict)  # class -> defect_gen | copy_paste
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # class -> reason -> count
     model_dir: str | None = None  # the Defect-Gen model that made them
     seconds: dict[str, float] = field(default_factory=dict)
@@ -72,9 +73,9 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
 def augment_mode(setting: str) -> str:
     """``round.augment`` as a mode: ``auto`` is Defect-Gen where CUDA is present, else copy-paste.
 
-    Measured on 2 CPU cores (BENCHMARKS.md, Defect-Gen): the cpu preset's 150 s of training per round gives
-    almost no sample that passes the rejection checks, so without a GPU the round spends nothing on it
-    unless ``defect_gen`` is asked for by name.
+    Measured on 2 CPU cores (BENCHMARKS.md, Defect-Gen): the cpu preset's pairs cost the student mIoU
+    against no augmentation and against copy-paste, so without a GPU the round spends nothing on it unless
+    ``defect_gen`` is asked for by name.
     """
     if setting != "auto":
         return setting
@@ -166,15 +167,17 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     }
     seconds = {**made.seconds, "total": time.perf_counter() - started}
     log.info(
-        "augment: %d synthetic pairs %s in %.0f s, rejected %s",
+        "augment: %d synthetic pairs %s (%s) in %.0f s, rejected %s",
         len(rows),
         per_class,
+        made.methods,
         seconds["total"],
         rejected,
     )
     return AugmentOutcome(
         mode,
         per_class=per_class,
+        methods=made.methods,
         rejected=rejected,
         model_dir=str(made.model_dir) if made.model_dir else None,
         seconds=seconds,

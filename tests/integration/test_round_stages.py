@@ -60,6 +60,8 @@ def test_augment_writes_pairs_registers_the_model_once_and_reuses_it(labeled: Se
     rows = rows[rows["label_source"] == "synthetic"]
     assert len(written) == len(rows) == first.total
     assert set(first.per_class) <= set(settings.classes) and set(first.rejected) <= set(first.per_class)
+    assert set(first.methods) == set(first.per_class)  # how each class's pairs were made
+    assert set(first.methods.values()) <= {"defect_gen", "copy_paste"}
     assert set(rows["split"]) <= {"train"}
     version = log_generator.fn(settings, 1, first)
     client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)

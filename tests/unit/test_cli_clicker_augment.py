@@ -209,6 +209,38 @@ def test_augment_train_then_generate(data: Path, workspace: Path, tmp_path: Path
     _check_pairs(tmp_path / "newest", made, class_id)
 
 
+def test_defect_gen_copy_pastes_the_classes_its_square_cannot_hold(
+    data: Path, workspace: Path, tmp_path: Path
+) -> None:
+    from loom.augment import generator_fits, load_folder, load_normals, synthesise, train_defect_gen
+
+    settings = load_settings(workspace)
+    labeled = load_folder(data / "images", data / "masks", settings.classes)
+    trained = train_defect_gen(labeled.images, labeled.masks, settings.classes, tmp_path / "dg", "tiny")
+    model = shutil.copytree(trained, tmp_path / "edited")
+    meta = json.loads((model / "defect_gen.json").read_text())
+    side = meta["config"]["region_size"]
+    # One class that fits the inpainting square and one that does not, whatever the tiny data holds.
+    meta["stats"]["knot"] |= {"median_height": side - 2.0, "median_width": side - 2.0}
+    meta["stats"][CLASS] |= {"median_height": 3.0, "median_width": side + 1.0}
+    (model / "defect_gen.json").write_text(json.dumps(meta))
+    fits = generator_fits(model)
+    assert fits["knot"] and not fits[CLASS]
+
+    normals = load_normals(data / "normal_set" / "images", settings.classes)
+    plan = {"knot": 2, CLASS: 2}
+    made = synthesise(
+        "defect_gen", labeled.images, labeled.masks, settings.classes, normals, 4, plan=plan, model_dir=model
+    )
+    assert made.methods == {"knot": "defect_gen", CLASS: "copy_paste"}
+    assert made.pair_classes.count(CLASS) == 2  # copy-paste always places its cut
+    assert "too_large" in made.counts[CLASS] and "wrong_class" in made.counts["knot"]  # each method's counts
+    assert made.pair_methods == [made.methods[name] for name in made.pair_classes]
+    # Asked for by name on the CLI, the class is still generated, with a note saying why it may fall short.
+    _, stderr = _generate(data, workspace, tmp_path / "cli", "--class", CLASS, "--model", str(model))
+    assert "larger than the generator's square" in stderr
+
+
 def test_augment_copy_paste(data: Path, workspace: Path, tmp_path: Path) -> None:
     labeled = _labeled(data)
     made, _ = _generate(data, workspace, tmp_path / "cp", "--mode", "copy_paste", "--class", CLASS, *labeled)
