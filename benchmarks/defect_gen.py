@@ -19,8 +19,8 @@ round's optimiser settings, ``--crops`` crops, the seed as training seed) and ar
 Synthetic pairs weigh SOURCE_WEIGHTS["synthetic"], human ones SOURCE_WEIGHTS["human"] (tasks/train.py).
 
 In the ``defect_gen`` arm, classes whose median labeled defect does not fit the generator's inpainting square
-are copy-pasted, as in the round (``loom.augment.generator_fits``); the sample quality below judges the
-generated pairs only.
+are copy-pasted, as in the round (``loom.augment.generator_fits``; ``--generate-all``: not); the sample
+quality below judges the generated pairs only.
 
 Sample quality (first seed only): (a) mask-image consistency, the IoU of the defect pixels that an oracle
 student (same config, trained on all 180 train images with their true masks, cached in ``--work``) predicts
@@ -174,7 +174,17 @@ def make_pairs(arm: str, args: argparse.Namespace, seed: int, labeled: tuple, cl
             f"seed {seed} defect_gen: generator {'cached' if info['train_cached'] else 'trained'} "
             f"({info['train_seconds']:.0f} s to train) -> {model_dir}"
         )
-    made = synthesise(arm, images, masks, classes, normals, args.synthetic, seed=seed, model_dir=model_dir)
+    made = synthesise(
+        arm,
+        images,
+        masks,
+        classes,
+        normals,
+        args.synthetic,
+        seed=seed,
+        model_dir=model_dir,
+        copy_paste_misfits=not args.generate_all,
+    )
     rejected: dict[str, int] = {}
     for counts in made.counts.values():
         for reason, n in counts.items():
@@ -597,6 +607,11 @@ def main() -> None:
     parser.add_argument(
         "--override", nargs="*", default=[], metavar="KEY=VALUE", help="DefectGenConfig fields (ablations)"
     )
+    parser.add_argument(
+        "--generate-all",
+        action="store_true",
+        help="Defect-Gen makes every class, also those its square cannot hold (an ablation)",
+    )
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument(
@@ -636,7 +651,8 @@ def main() -> None:
         f"Embedded fabric, {result['test_images']} test images. Per seed: {args.shots} labeled train images "
         f"per class + {result['normals']} normal train images; {args.synthetic} synthetic pairs per "
         f"augmented arm (Defect-Gen preset {args.preset}"
-        f"{''.join(f', {k}={v}' for k, v in args.override.items())}); "
+        f"{''.join(f', {k}={v}' for k, v in args.override.items())}"
+        f"{', every class generated' if args.generate_all else ''}); "
         f"student {args.student}, {args.crops} crops"
         f"{f', at least {args.epochs} epochs' if args.epochs else ''}. Seeds {args.seeds} ({per_seed}). "
         f"Rarest labeled class over the seeds: {summary['rarest']}. Mean over seeds (min to max):\n"

@@ -431,6 +431,7 @@ def synthesise(
     config: DefectGenConfig | str | None = None,
     scorer: Scorer | None = None,
     blend: str = "feather",
+    copy_paste_misfits: bool = True,
 ) -> Synthesis:
     """``total`` synthetic pairs from labeled images, most for the rarest class.
 
@@ -446,6 +447,8 @@ def synthesise(
         cache_root, config: for that training (see :func:`train_defect_gen`).
         scorer: the teacher's ``anomaly_map(image)``, for Defect-Gen's ``unseen`` rejection.
         blend: copy-paste blending, ``feather`` or ``poisson``.
+        copy_paste_misfits: in ``defect_gen`` mode, copy-paste the classes the generator cannot hold
+            (:func:`generator_fits`); False generates every class (an ablation).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -458,6 +461,8 @@ def synthesise(
         model_dir = train_defect_gen(images, masks, classes, cache_root, config, seed=seed)
         seconds["train"] = time.perf_counter() - started
     fits = generator_fits(model_dir) if mode == "defect_gen" else {}
+    if not copy_paste_misfits:
+        fits = dict.fromkeys(fits, True)
     pairs: list[Pair] = []
     pair_classes: list[str] = []
     counts: dict[str, dict[str, int]] = {}

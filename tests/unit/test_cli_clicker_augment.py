@@ -236,6 +236,18 @@ def test_defect_gen_copy_pastes_the_classes_its_square_cannot_hold(
     assert made.pair_classes.count(CLASS) == 2  # copy-paste always places its cut
     assert "too_large" in made.counts[CLASS] and "wrong_class" in made.counts["knot"]  # each method's counts
     assert made.pair_methods == [made.methods[name] for name in made.pair_classes]
+    everything = synthesise(
+        "defect_gen",
+        labeled.images,
+        labeled.masks,
+        settings.classes,
+        normals,
+        4,
+        plan=plan,
+        model_dir=model,
+        copy_paste_misfits=False,
+    )
+    assert set(everything.methods.values()) == {"defect_gen"}
     # Asked for by name on the CLI, the class is still generated, with a note saying why it may fall short.
     _, stderr = _generate(data, workspace, tmp_path / "cli", "--class", CLASS, "--model", str(model))
     assert "larger than the generator's square" in stderr
