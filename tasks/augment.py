@@ -73,9 +73,9 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
 def augment_mode(setting: str) -> str:
     """``round.augment`` as a mode: ``auto`` is Defect-Gen where CUDA is present, else copy-paste.
 
-    Measured on 2 CPU cores (BENCHMARKS.md, Defect-Gen): the cpu preset's pairs cost the student mIoU
-    against no augmentation and against copy-paste, so without a GPU the round spends nothing on it unless
-    ``defect_gen`` is asked for by name.
+    Measured on 2 CPU cores (BENCHMARKS.md, Defect-Gen): the cpu preset's pairs move the student by
+    +1.5 mIoU points, far inside the seed spread, for 3.5 min of training per round, so without a GPU the
+    round spends nothing on it unless ``defect_gen`` is asked for by name.
     """
     if setting != "auto":
         return setting
