@@ -58,7 +58,8 @@ class DefectGenConfig:
     norm_groups: int = 8
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
-    # v, not the published epsilon: epsilon at low t leaves the +-1 mask channels noisy (BENCHMARKS.md).
+    # v, not the published epsilon: the safer target for the +-1 mask channels when a round trains little
+    # (models/defect_gen/README.md).
     prediction_type: str = "v_prediction"
     switch_fraction: float = 0.4
     large_steps: int = 500
@@ -153,7 +154,7 @@ PRESETS: dict[str, DefectGenConfig] = {
         batch_size_sample=8,
         name="tiny",
     ),
-    # ~4 min on 2 idle cores (BENCHMARKS.md): the 1,200 small-model steps are what cleans the image channels.
+    # ~3.5 min on 2 idle cores (BENCHMARKS.md): the 1,200 small-model steps are what clean the image channels.
     # Stochastic DDPM over 100 steps: on the same CPU-trained model it drew smoother, more coherent defects
     # than DDIM over 25 (BENCHMARKS.md), at 4x the sampling time (seconds for a round's pairs).
     "cpu": DefectGenConfig(max_train_seconds=360.0, sampler="ddpm", sampling_steps=100, name="cpu"),
