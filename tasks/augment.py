@@ -86,13 +86,24 @@ def augment_mode(setting: str) -> str:
 
 def teacher_scorer(settings: Settings, normals: list[np.ndarray], references: int = 16) -> Scorer:
     """The backbone teacher with a few of the line's normal images as references: a generated defect it does
-    not see at all (no higher score inside the mask than around it) is rejected as ``unseen``."""
+    not see at all (no higher score inside the mask than around it) is rejected as ``unseen``.
+
+    The teacher is built and fitted on the first call, so a round whose classes are all copy-pasted pays
+    nothing for it.
+    """
     from loom.teachers import build_teacher
 
-    model, _ = build_teacher(settings, "backbone")
-    refs = normals[:references]
-    model.fit(refs, refs)
-    return lambda image: model.predict([image])[0].anomaly_map
+    fitted = []
+
+    def anomaly_map(image: np.ndarray) -> np.ndarray:
+        if not fitted:
+            model, _ = build_teacher(settings, "backbone")
+            refs = normals[:references]
+            model.fit(refs, refs)
+            fitted.append(model)
+        return fitted[0].predict([image])[0].anomaly_map
+
+    return anomaly_map
 
 
 @task(name="augment", cache_policy=NO_CACHE)

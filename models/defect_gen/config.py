@@ -108,12 +108,6 @@ class DefectGenConfig:
         if any(c % self.norm_groups for c in (*self.large_channels, *self.small_channels)):
             raise ValueError(f"every channel width must be divisible by norm_groups={self.norm_groups}")
 
-    def small_seconds_cap(self) -> float | None:
-        """The small model's share of ``max_train_seconds`` (in proportion to its steps)."""
-        if self.max_train_seconds is None:
-            return None
-        return self.max_train_seconds * self.small_steps / max(1, self.large_steps + self.small_steps)
-
     @property
     def switch_timestep(self) -> int:
         """s: the first timestep (from the top) that the small model handles is s - 1."""

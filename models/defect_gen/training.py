@@ -172,6 +172,19 @@ def evaluation_loss(
     return float(np.mean(losses))
 
 
+def time_cap(config: DefectGenConfig, which: str, spent: float) -> float | None:
+    """Seconds of ``max_train_seconds`` that ``which`` may train, ``spent`` seconds into the pipeline.
+
+    The small model trains first (cheap per step) within its share in proportion to the steps; the large
+    one gets what is left, so an early finish of the small one is not lost.
+    """
+    if config.max_train_seconds is None:
+        return None
+    if which == SMALL:
+        return config.max_train_seconds * config.small_steps / max(1, config.large_steps + config.small_steps)
+    return max(0.0, config.max_train_seconds - spent)
+
+
 def defect_statistics(crops: DefectCrops, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per class: instances, median size and pixels, and the most components one instance has."""
     stats: dict[str, dict[str, float]] = {}
@@ -247,12 +260,7 @@ def train_pipeline(
     for which, unet in ((SMALL, pipeline.small), (LARGE, pipeline.large)):
         configured = config.large_steps if which == LARGE else config.small_steps
         steps = max(1, round(configured * warm_steps_fraction)) if warm_start is not None else configured
-        if config.max_train_seconds is None:
-            cap = None
-        elif which == SMALL:
-            cap = config.small_seconds_cap()
-        else:
-            cap = max(0.0, config.max_train_seconds - (time.perf_counter() - started_both))
+        cap = time_cap(config, which, spent=time.perf_counter() - started_both)
         started = time.perf_counter()
         history = train_denoiser(
             unet,
