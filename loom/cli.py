@@ -202,6 +202,32 @@ def evaluate(
 
 
 @app.command()
+def reproduce(
+    tag: str = typer.Argument(..., help="The round to reproduce, e.g. round-0002."),
+    workspace: Path = WorkspaceOpt,
+    force: bool = typer.Option(False, help="Discard changes no round has versioned (else refuse)."),
+) -> None:
+    """Retrain a versioned round's students from its data and params; show its metrics beside the record."""
+    from flows.reproduce import COMPARED, TOLERANCE, reproduce_round
+
+    results = reproduce_round(load_settings(workspace), tag, force=force)
+    typer.echo(f"{'student':10} {'metric':12} {'recorded':>9} {'reproduced':>10} {'|diff|':>8}")
+    for result in results:
+        for key in COMPARED:
+            if key in result.recorded and key in result.reproduced:
+                diff = abs(result.reproduced[key] - result.recorded[key])
+                typer.echo(
+                    f"{result.student:10} {key:12} {result.recorded[key]:9.4f} "
+                    f"{result.reproduced[key]:10.4f} {diff:8.4f}"
+                )
+    if all(result.within_tolerance for result in results):
+        typer.echo(f"{tag}: every metric within {TOLERANCE} of the record")
+    else:
+        typer.echo(f"{tag}: some metrics differ from the record by more than {TOLERANCE}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Path = typer.Option(..., "--out", help="Output folder (scores.csv, maps/, masks/, overlays/)."),
@@ -269,12 +295,17 @@ def demo(
     keep_running: bool = typer.Option(
         True, help="Leave the servers up afterwards so the UIs can be browsed."
     ),
+    data: Path = typer.Option(
+        None,
+        help="Rehearse on your own labeled sample: a folder dataset with class masks (images/ + masks/); "
+        "its test split is frozen, its train images arrive in one batch per round.",
+    ),
 ) -> None:
-    """The whole flywheel on the embedded fabric dataset with a simulated annotator, on loopback."""
+    """The whole flywheel with a simulated annotator on loopback: the embedded fabric dataset, or --data."""
     from loom.demo import run_demo
 
     settings = load_settings(workspace or os.environ.get("LOOM_WORKSPACE") or "workspace")
-    run_demo(settings, rounds=rounds, n_images=images, keep_running=keep_running)
+    run_demo(settings, rounds=rounds, n_images=images, keep_running=keep_running, data=data)
 
 
 @datasets_app.command("generate")

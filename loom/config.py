@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ class RoundParams:
 
     review_budget: int = 24  # images sent to people per round
     review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
-    confident_low: float = 0.25  # pseudo-labels with uncertainty below this are auto-accepted
+    selection: str = "combined"  # random | uncertainty | disagreement | diversity | rarity | combined
+    audit_share: float = 0.25  # of the budget, drawn at random: what calibrates auto-accept
+    accept_risk: float = 0.1  # target share of wrong labels among the auto-accepted (loom/calibration.py)
     teacher: str = "auto"  # auto | openclip | backbone (auto: open_clip when its weights are here)
     teacher_shots: int = 4  # known-good images (people's normal reviews) the teacher uses as references
     clip_model: str = "ViT-B-16-plus-240"
@@ -58,7 +61,13 @@ class RoundParams:
     batch_size: int = 8
     lr: float = 3e-3
     seed: int = 0
-    promote_metric: str = "miou"
+    promote_metric: str = "miou"  # picks the round's best student, the challenger
+    # The promotion gate (loom/promotion.py): the lower end of the paired-bootstrap interval of the gain
+    # must clear promote_min_gain (a margin for training noise, which resampling test images cannot see),
+    # and no class with at least promote_min_class_pixels test pixels may lose more than the tolerance.
+    promote_min_gain: float = 0.02
+    promote_class_tolerance: float = 0.05
+    promote_min_class_pixels: int = 500
     clicker_preset: str = "default"  # default | tiny: the click model annotators' key points run through
     clicker_fine_tune_steps: int = 200  # per-round fine-tuning of the clicker on people's masks
     augment: str = "auto"  # auto (defect_gen with a GPU, else copy_paste) | defect_gen | copy_paste | none
@@ -110,6 +119,11 @@ class Settings:
     @property
     def manifest_path(self) -> Path:
         return self.data_dir / "manifest.parquet"
+
+    @property
+    def calibration_path(self) -> Path:
+        """Audited pseudo-labels: confidence and whether people found them wrong (loom/calibration.py)."""
+        return self.data_dir / "calibration.parquet"
 
     @property
     def rounds_dir(self) -> Path:
@@ -226,6 +240,10 @@ def workspace_secret(settings: Settings, key: str) -> str:
     return values[key]
 
 
+#: Round settings older workspaces may still carry, and what replaced them.
+RETIRED_ROUND_KEYS = {"confident_low": "auto-accept is calibrated now: see round.accept_risk"}
+
+
 def _merge(cls: type, base: Any, overrides: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = set(overrides) - known
@@ -252,7 +270,11 @@ def load_settings(workspace: str | Path | None = None, **round_overrides: Any) -
         "backend": os.environ.get("LOOM_BACKEND_PORT"),
     }
     ports = _merge(Ports, ports, {k: int(v) for k, v in env_ports.items() if v})
-    rnd = _merge(RoundParams, RoundParams(), params.get("round", {}))
+    round_params = dict(params.get("round", {}))
+    for key in sorted(set(RETIRED_ROUND_KEYS) & set(round_params)):
+        warnings.warn(f"params.yaml: round.{key} is no longer used ({RETIRED_ROUND_KEYS[key]})", stacklevel=2)
+        round_params.pop(key)
+    rnd = _merge(RoundParams, RoundParams(), round_params)
     rnd = _merge(RoundParams, rnd, {k: v for k, v in round_overrides.items() if v is not None})
     if isinstance(rnd.students, str | list):  # params.yaml gives a list, the command line a comma list
         names = rnd.students.split(",") if isinstance(rnd.students, str) else rnd.students

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 import psutil
 import requests
 import yaml
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +31,9 @@ from loom import labelstudio, stack
 from loom.annotator import ClickPolicy, SimulatedAnnotator
 from loom.config import PROJECT_ROOT, Settings, workspace_secret
 from loom.datasets.fabric import generate
+from loom.datasets.stream import batches_from_folder
 from loom.imageio import read_mask
+from loom.plots import round_curve
 from loom.runner import run_round
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,15 @@ def round_row(record: dict[str, Any], seconds: float) -> dict[str, Any]:
         "promoted": record["mlflow"]["promoted"],
         "wall_s": seconds,
     }
+
+
+def curve_points(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The demo's rounds as points of :func:`loom.plots.round_curve`."""
+    reviewed = np.cumsum([r["reviewed"] for r in rows])
+    return [
+        {"round": r["round"], "miou": r["miou"], "reviews": r["reviewed"], "reviewed_cum": float(total)}
+        for r, total in zip(rows, reviewed, strict=True)
+    ]
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
@@ -165,13 +178,28 @@ def wait_for_clicker(settings: Settings, console: Console, timeout_s: float = 12
 
 
 def run_demo(
-    settings: Settings, rounds: int = 2, n_images: int | None = None, keep_running: bool = True
+    settings: Settings,
+    rounds: int = 2,
+    n_images: int | None = None,
+    keep_running: bool = True,
+    data: Path | None = None,
 ) -> list[dict]:
-    console = Console(width=max(Console().width, 125))
+    """The demo's rounds on the embedded data, or with ``data`` on a labeled sample of the user's fabric
+    (loom/datasets/stream.py: its test split frozen, its train images in ``rounds`` batches)."""
+    # On a terminal the table fits its width; into a file or a pipe it is written whole, never cut.
+    console = Console(width=max(Console().width, 125) if sys.stdout.isatty() else 1000)
     start = time.perf_counter()
     console.print(f"[bold]Loom demo[/bold] in {settings.workspace}: {rounds} rounds")
-    batches = make_batches(settings, rounds, n_images)
-    console.print(f"embedded fabric dataset: {len(batches)} batches in {settings.workspace / 'incoming'}")
+    if data is None:
+        batches = make_batches(settings, rounds, n_images)
+        what = "embedded fabric dataset"
+    else:
+        seed = int(dataset_params().get("seed", 0))
+        batches = batches_from_folder(
+            data, settings.workspace / "incoming", rounds, settings.classes, seed=seed
+        )
+        what = f"your dataset {data}"
+    console.print(f"{what}: {len(batches)} batches in {settings.workspace / 'incoming'}")
     status = stack.up(settings)
     console.print(status.table())
 
@@ -215,6 +243,9 @@ def run_demo(
         "corrections": [asdict(c) for c in annotator.corrections],
     }
     (settings.workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    curve = settings.workspace / "demo_curve.png"
+    Image.fromarray(round_curve({"demo": curve_points(rows)})).save(curve)
+    console.print(f"round curve (test mIoU against reviews, reviews per round): {curve}")
     console.print(f"peak memory of the demo process: {peak_mb:.0f} MB; total {summary['total_s']:.0f} s")
     console.print(
         f"Label Studio: {labelstudio.task_url(settings, project_id)}  (admin {settings.label_studio_admin})"

@@ -239,10 +239,13 @@ def _trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 # ---- overlap metrics ---------------------------------------------------------------------------------
 
 
-def _intersection_union(
+def intersection_union(
     preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Dataset-wide per-class intersection, union and ground-truth pixel counts, classes 1..n_classes.
+
+    These counts add up over images: the counts of a set of images are the sums of each image's counts,
+    which is what lets :mod:`loom.promotion` resample test images without predicting again.
 
     Returns:
         Three ``(n_classes,)`` int64 arrays.
@@ -261,7 +264,8 @@ def _intersection_union(
     return intersection[1:], union[1:], gt_pixels[1:]
 
 
-def _iou(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+def iou_from_counts(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Per-class IoU from summed counts (any shape); NaN where the union is empty."""
     return np.where(union > 0, intersection / np.maximum(union, 1), np.nan)
 
 
@@ -270,9 +274,16 @@ def _dice(intersection: np.ndarray, union: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 2.0 * intersection / np.maximum(total, 1), np.nan)
 
 
-def _miou(intersection: np.ndarray, union: np.ndarray, gt_pixels: np.ndarray) -> float:
+def miou_from_counts(intersection: np.ndarray, union: np.ndarray, gt_pixels: np.ndarray) -> float:
+    """Mean IoU from ``(n_classes,)`` summed counts, over the classes present in the ground truth."""
     present = gt_pixels > 0
     return float(np.mean(intersection[present] / union[present])) if present.any() else math.nan
+
+
+# The names used before these helpers became public.
+_intersection_union = intersection_union
+_iou = iou_from_counts
+_miou = miou_from_counts
 
 
 def iou_per_class(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_classes: int) -> np.ndarray:
@@ -281,8 +292,8 @@ def iou_per_class(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_cl
     Returns:
         ``(n_classes,)`` float; NaN for a class absent from both predictions and ground truth.
     """
-    intersection, union, _ = _intersection_union(preds, masks, n_classes)
-    return _iou(intersection, union)
+    intersection, union, _ = intersection_union(preds, masks, n_classes)
+    return iou_from_counts(intersection, union)
 
 
 def dice_per_class(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_classes: int) -> np.ndarray:
@@ -291,7 +302,7 @@ def dice_per_class(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_c
     Returns:
         ``(n_classes,)`` float; NaN for a class absent from both predictions and ground truth.
     """
-    intersection, union, _ = _intersection_union(preds, masks, n_classes)
+    intersection, union, _ = intersection_union(preds, masks, n_classes)
     return _dice(intersection, union)
 
 
@@ -302,7 +313,7 @@ def miou(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray], n_classes: in
     split without any "knot" does not score 0 for knots; such false alarms still lower ``binary_iou``.
     NaN when the ground truth holds no defect pixel at all.
     """
-    return _miou(*_intersection_union(preds, masks, n_classes))
+    return miou_from_counts(*intersection_union(preds, masks, n_classes))
 
 
 def binary_iou(preds: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
@@ -346,19 +357,19 @@ def evaluate_segmentation(
         ``f1_threshold``, ``iou_<class>`` and ``dice_<class>``; only finite values are kept (a metric
         that is undefined on this split, such as the IoU of a class that never occurs, is left out).
     """
-    intersection, union, gt_pixels = _intersection_union(preds, masks, len(classes))
+    intersection, union, gt_pixels = intersection_union(preds, masks, len(classes))
     labels = np.array([int(np.any(np.asarray(m) > 0)) for m in masks])
     best_f1, best_threshold = f1_max(scores, labels)
     results: dict[str, float] = {
         "pixel_auroc": pixel_auroc(maps, masks),
         f"aupro_{fpr_limit:g}": aupro(maps, masks, fpr_limit=fpr_limit),
-        "miou": _miou(intersection, union, gt_pixels),
+        "miou": miou_from_counts(intersection, union, gt_pixels),
         "binary_iou": binary_iou(preds, masks),
         "image_auroc": image_auroc(scores, labels),
         "f1_max": best_f1,
         "f1_threshold": best_threshold,
     }
-    ious, dices = _iou(intersection, union), _dice(intersection, union)
+    ious, dices = iou_from_counts(intersection, union), _dice(intersection, union)
     for name, iou, dice in zip(classes, ious, dices, strict=True):
         results[metric_key(f"iou_{name}")] = float(iou)
         results[metric_key(f"dice_{name}")] = float(dice)

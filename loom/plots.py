@@ -28,3 +28,43 @@ def per_class_bars(metrics: Mapping[str, float], classes: Sequence[str]) -> np.n
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def round_curve(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> np.ndarray:
+    """(H, W, 3) uint8: the flywheel round over round, one line per strategy (or run).
+
+    Args:
+        curves: name -> rounds in order, each with ``round``, ``miou`` (test split), ``reviewed_cum``
+            (images people reviewed so far) and ``reviews`` (this round), optionally ``auto_accepted_share``.
+
+    Left: test mIoU against the reviews spent so far; right: reviews per round (solid) and the share of the
+    pool auto-accepted (dashed, right axis).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    quality, work = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    share = work.twinx()
+    for name, rounds in curves.items():
+        line = quality.plot(
+            [r["reviewed_cum"] for r in rounds], [r["miou"] for r in rounds], marker="o", label=name
+        )[0]
+        numbers = [r["round"] for r in rounds]
+        work.plot(numbers, [r.get("reviews", np.nan) for r in rounds], marker="o", color=line.get_color())
+        if any("auto_accepted_share" in r for r in rounds):
+            share.plot(
+                numbers,
+                [r.get("auto_accepted_share", np.nan) for r in rounds],
+                linestyle="--",
+                color=line.get_color(),
+            )
+    quality.set(xlabel="images reviewed so far", ylabel="student mIoU (test split)", title="quality")
+    work.set(xlabel="round", ylabel="reviews this round (solid)", title="people's work")
+    share.set_ylabel("auto-accepted share of the pool (dashed)")
+    share.set_ylim(0, 1)
+    quality.legend(loc="lower right", fontsize="small")
+    canvas = FigureCanvasAgg(fig)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -128,16 +128,27 @@ def label_images(
 ) -> list[LabeledImage]:
     """Fit `teacher` on the pool (and normals), predict the pool and name every region."""
     teacher.fit(pool, normals)
-    predictions = teacher.predict(pool)
+    labeled = name_predictions(settings, teacher, pool, teacher.predict(pool), prototypes)
+    named = sum(region.source != "none" for item in labeled for region in item.regions)
+    total = sum(len(item.regions) for item in labeled)
+    log.info("%s teacher: %d of %d regions named (%d images)", teacher.name, named, total, len(pool))
+    return labeled
+
+
+def name_predictions(
+    settings: Settings,
+    teacher: Teacher,
+    images: Sequence[np.ndarray],
+    predictions: Sequence[TeacherPrediction],
+    prototypes: RegionPrototypes | None = None,
+) -> list[LabeledImage]:
+    """Name the regions of a teacher's predictions of `images` (its class prompts, else the prototypes)."""
     defect_index = settings.class_index("defect")
     prob_ids = [settings.class_index(name) for name in teacher.class_names]
     labeled = []
-    for image, prediction in zip(pool, predictions, strict=True):
+    for image, prediction in zip(images, predictions, strict=True):
         class_mask, regions = name_regions(
             image, prediction.mask, defect_index, prediction.class_probs, prob_ids, prototypes
         )
         labeled.append(LabeledImage(prediction, class_mask, regions))
-    named = sum(region.source != "none" for item in labeled for region in item.regions)
-    total = sum(len(item.regions) for item in labeled)
-    log.info("%s teacher: %d of %d regions named (%d images)", teacher.name, named, total, len(pool))
     return labeled

@@ -7,7 +7,8 @@ artifacts under ``settings.mlflow_artifacts_dir``: no server is needed to log or
 The student is registered as a pyfunc model whose only payload is the student folder
 (``config.json`` + ``model.safetensors``) under ``artifacts/``. Loom never loads it through pyfunc
 (that would unpickle a Python object): ``download_student`` fetches the folder and the student code
-reads the safetensors directly. Promotion uses the registry alias ``champion`` (stages are deprecated).
+reads the safetensors directly. Promotion uses registry aliases (stages are deprecated): ``champion`` is
+the model in service, ``challenger`` the latest round's best, whether it won or not.
 
 Cost: the first call in a workspace creates the sqlite schema (a few seconds); after that a round is
 logged and registered in about half a second, because ``pip_requirements`` is given explicitly and
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "loom"
 CHAMPION_ALIAS = "champion"
+CHALLENGER_ALIAS = "challenger"  # the latest round's best model, promoted or not
 STUDENT_ARTIFACT = "student"  # key of the student folder among the pyfunc model's artifacts
 STUDENT_FILES = ("config.json", "model.safetensors")
 # What the registered model needs to be read back; listing it skips MLflow's slow dependency inference.
@@ -120,6 +122,7 @@ def log_round(
     run_name: str | None = None,
     registered: str | None = None,
     required: tuple[str, ...] = STUDENT_FILES,
+    version_tags: Mapping[str, str] | None = None,
 ) -> RoundRun:
     """Log one round as an MLflow run and register its student as a new model version.
 
@@ -135,6 +138,7 @@ def log_round(
         registered: the registered model's name (default ``settings.registered_model``, the student;
             the click model is ``settings.registered_clicker``, Defect-Gen ``settings.registered_generator``).
         required: files ``model_dir`` must hold (a student's or the click model's by default).
+        version_tags: tags of the registered version besides ``loom.round`` (to find it again on a retry).
 
     Returns:
         The run id, the registered model version and the experiment id.
@@ -159,7 +163,8 @@ def log_round(
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, "loom.round", str(round_no))
+    for key, value in {"loom.round": str(round_no), **(version_tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
     logger.info(
         "round %d logged: run %s, %s version %s",
         round_no,
@@ -183,6 +188,33 @@ def version_tagged(settings: Settings, registered: str, key: str, value: str) ->
 
 def tag_version(settings: Settings, registered: str, version: str, key: str, value: str) -> None:
     _connect(settings).set_model_version_tag(registered, str(version), key, value)
+
+
+def logged_version(
+    settings: Settings, tags: Mapping[str, str], registered: str | None = None
+) -> RoundRun | None:
+    """The latest registered version carrying all of ``tags`` and its run, None if none does.
+
+    A retried task uses this to find what its first try already logged instead of logging it twice.
+    """
+    client = _connect(settings)
+    name = registered or settings.registered_model
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    found = [v for v in versions if tags.items() <= (v.tags or {}).items() and v.run_id]
+    if not found:
+        return None
+    latest = max(found, key=lambda v: int(v.version))
+    experiment_id = client.get_run(latest.run_id).info.experiment_id
+    return RoundRun(run_id=latest.run_id, model_version=str(latest.version), experiment_id=experiment_id)
+
+
+def version_tags(settings: Settings, version: str, registered: str | None = None) -> dict[str, str]:
+    """The tags of one registered version."""
+    client = _connect(settings)
+    return dict(client.get_model_version(registered or settings.registered_model, str(version)).tags or {})
 
 
 # ---- champion ------------------------------------------------------------------------------------------
@@ -220,6 +252,8 @@ def promote_if_better(
 ) -> bool:
     """Give ``version`` the ``champion`` alias if there is no champion or it strictly beats it on ``metric``.
 
+    This compares stored metrics only; a round uses the promotion gate instead (``tasks.track``, which
+    predicts the champion again on the round's test split and records through :func:`decide_champion`).
     The decision is recorded on the new version as tags ``promoted`` (true/false) and ``promotion_reason``.
     """
     client = _connect(settings)
@@ -249,20 +283,58 @@ def promote_if_better(
 
 
 def decide_champion(
-    settings: Settings, version: str, promoted: bool, reason: str, registered: str | None = None
+    settings: Settings,
+    version: str,
+    promoted: bool,
+    reason: str,
+    registered: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    challenger: bool = False,
 ) -> bool:
     """Record on ``version`` a decision the caller took (having measured both models in the same run):
-    the ``champion`` alias when ``promoted``, the tags ``promoted`` and ``promotion_reason`` either way."""
+    the ``champion`` alias when ``promoted``, the tags ``promoted`` and ``promotion_reason`` either way.
+
+    Args:
+        tags: more tags of the decision (``loom.promotion.*``), set on the version and on ``run_id``.
+        run_id: the run that logged ``version``, to carry the same tags.
+        challenger: also give ``version`` the ``challenger`` alias (the round's best, promoted or not).
+    """
     return _record_decision(
-        _connect(settings), registered or settings.registered_model, str(version), promoted, reason
+        _connect(settings),
+        registered or settings.registered_model,
+        str(version),
+        promoted,
+        reason,
+        tags=tags,
+        run_id=run_id,
+        challenger=challenger,
     )
 
 
-def _record_decision(client: MlflowClient, name: str, version: str, promoted: bool, reason: str) -> bool:
+def _record_decision(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    promoted: bool,
+    reason: str,
+    tags: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    challenger: bool = False,
+) -> bool:
+    # Tags first, aliases last: a task that fails in between and is retried finds the decision in the tags
+    # and repeats it (setting an alias to the version that holds it changes nothing). The caller's tags go
+    # last, in their order, so the one it writes last can mark a complete record.
+    all_tags = {"promotion_reason": reason, "promoted": str(promoted).lower(), **(tags or {})}
+    for key, value in all_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if run_id:
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+    if challenger:
+        client.set_registered_model_alias(name, CHALLENGER_ALIAS, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
-    client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
-    client.set_model_version_tag(name, version, "promotion_reason", reason)
     logger.info("%s version %s %s: %s", name, version, "promoted" if promoted else "not promoted", reason)
     return promoted
 

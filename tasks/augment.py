@@ -48,11 +48,16 @@ class AugmentOutcome:
         return int(sum(self.per_class.values()))
 
 
+#: Backgrounds taken from the teacher's most normal-looking images when no normal is labeled or accepted.
+FALLBACK_NORMALS = 8
+
+
 def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """(defect images, their class masks, normal images) of the human-labeled train split.
 
     Normals are people's defect-free reviews, then auto-accepted pseudo-labels that name no class (the
-    teacher saw nothing there): real fabric of this line on which the defects are placed.
+    teacher saw nothing there): real fabric of this line on which the defects are placed. With neither (the
+    first rounds, before auto-accept has enough audits) the teacher's lowest-scoring unflagged images.
     """
     images, masks, normals = [], [], []
     for row, mask in human_labeled(settings, "train"):
@@ -66,8 +71,13 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
         & (train["review_state"] == "auto_accepted")
         & (train["classes"].fillna("") == "")
     ]
-    normals += [image_of(settings, row) for _, row in quiet.iterrows()]
-    return images, masks, normals
+    if normals or len(quiet):
+        normals += [image_of(settings, row) for _, row in quiet.iterrows()]
+        return images, masks, normals
+    # Nothing accepted yet (auto-accept waits for enough audits): the fabric the teacher finds most normal.
+    unflagged = train[(train["label_source"] == "pseudo") & (train["classes"].fillna("") == "")]
+    calmest = unflagged.sort_values(["score", "image_id"]).head(FALLBACK_NORMALS)
+    return images, masks, [image_of(settings, row) for _, row in calmest.iterrows()]
 
 
 def augment_mode(setting: str) -> str:

@@ -1,12 +1,13 @@
 """Pseudo-label: the teacher proposes masks, scores and an uncertainty for every unreviewed train image.
 
-From round 2 on the champion student labels the pool too; where teacher and student disagree the image
-is uncertain whatever the teacher's own confidence (a strong review signal, see DESIGN.md).
+From round 2 on the champion student labels the pool too; how much teacher and student disagree on each image
+is passed on to review selection (a strong review signal, loom/selection.py). The manifest's uncertainty is
+the teacher's own: it is what auto-accept is calibrated on (loom/calibration.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,11 @@ class PseudoLabels:
     image_threshold: float
     pixel_threshold: float
     out_dir: str
+    #: image id -> 1 - IoU of the teacher's and the champion's defect masks (empty before a champion exists)
+    disagreement: dict[str, float] = field(default_factory=dict)
 
 
-def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+def mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two defect masks; 1.0 when both are empty (they agree the image is normal)."""
     a, b = a > 0, b > 0
     union = np.logical_or(a, b).sum()
@@ -110,11 +113,12 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     defect_id = settings.class_index("defect")
     uncertainty = review_uncertainty(labeled, defect_id)
     student_masks = _champion_masks(settings, images) if round_no > 1 else None
+    disagreement: dict[str, float] = {}
     if student_masks is not None:
-        disagreement = np.array([1.0 - _agreement(t, s) for t, s in zip(masks, student_masks, strict=True)])
-        uncertainty = np.maximum(uncertainty, disagreement)
+        values = [1.0 - mask_agreement(t, s) for t, s in zip(masks, student_masks, strict=True)]
+        disagreement = dict(zip(pool["image_id"], values, strict=True))
         model_version += "+champion"
-        log.info("champion student labeled the pool too; mean disagreement %.3f", disagreement.mean())
+        log.info("champion student labeled the pool too; mean disagreement %.3f", float(np.mean(values)))
 
     out_dir = settings.pseudo_dir / f"round-{round_no:04d}"
     ids = pool["image_id"].tolist()
@@ -150,4 +154,5 @@ def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
         float(teacher.image_threshold),
         float(teacher.pixel_threshold),
         str(out_dir),
+        disagreement,
     )

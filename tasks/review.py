@@ -1,4 +1,4 @@
-"""Human review in Label Studio: choose what people see, send it, wait, take their corrections back."""
+"""Human review in Label Studio: send the selection (tasks/select.py), wait, take corrections back."""
 
 from __future__ import annotations
 
@@ -25,12 +25,7 @@ from tasks.common import (
     task_logger,
 )
 from tasks.pseudo_label import PseudoLabels
-
-
-@dataclass
-class Selection:
-    review: list[str]  # image ids for people, most uncertain first
-    auto_accepted: list[str]  # confident pseudo-labels used for training without review
+from tasks.select import Selection
 
 
 @dataclass
@@ -54,47 +49,6 @@ class ReviewOutcome:
             "painted_images": int(sum(1 for n in self.painted.values() if n > 0)),
             "painted_regions": int(sum(self.painted.values())),
         }
-
-
-def choose_for_review(df: pd.DataFrame, budget: int, confident_low: float) -> Selection:
-    """Most uncertain unreviewed train images first (then the highest scores), up to the budget; the
-    confident rest is auto-accepted.
-
-    Images already queued in an earlier round stay queued (they are not sent twice) and count against
-    the budget, so a backlog of unreviewed work slows new requests instead of growing without end.
-    """
-    pool = manifest.usable(df)
-    pool = pool[(pool["split"] == "train") & (pool["label_source"] == "pseudo")]
-    queued = pool[pool["review_state"] == "queued"]
-    # Ties (e.g. every image whose defect class is unknown) go to the most anomalous first.
-    fresh = pool[pool["review_state"].isin(["none", "auto_accepted"])].sort_values(
-        ["uncertainty", "score", "image_id"], ascending=[False, False, True]
-    )
-    n_new = max(0, budget - len(queued))
-    review = fresh.head(n_new)
-    rest = fresh.iloc[n_new:]
-    auto = rest[rest["uncertainty"] <= confident_low]
-    return Selection(
-        review=queued["image_id"].tolist() + review["image_id"].tolist(),
-        auto_accepted=auto["image_id"].tolist(),
-    )
-
-
-@task(name="select-for-review", cache_policy=NO_CACHE)
-def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
-    df = load_manifest(settings)
-    sel = choose_for_review(df, settings.round.review_budget, settings.round.confident_low)
-    df = manifest.update(df, sel.review, review_state="queued")
-    # Confidence is re-judged every round: what was auto-accepted before but is uncertain now drops out.
-    df.loc[
-        (df["review_state"] == "auto_accepted") & ~df["image_id"].isin(sel.auto_accepted), "review_state"
-    ] = "none"
-    df = manifest.update(df, sel.auto_accepted, review_state="auto_accepted")
-    save_manifest(settings, df)
-    task_logger().info(
-        "review: %d images to people, %d auto-accepted", len(sel.review), len(sel.auto_accepted)
-    )
-    return sel
 
 
 def defect_probability(score: float, image_threshold: float) -> float:

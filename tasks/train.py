@@ -17,7 +17,7 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from loom import manifest
+from loom import manifest, promotion
 from loom.config import Settings
 from loom.datasets.folder import load_labeled_folder
 from loom.imageio import read_mask
@@ -58,6 +58,8 @@ class Evaluation:
     metrics: dict[str, float]
     n_test: int
     overlays: dict[str, np.ndarray]
+    # Per-image counts of the same predictions: the promotion gate resamples them instead of predicting again.
+    stats: promotion.ModelStats | None = None
 
 
 def training_samples(
@@ -87,11 +89,7 @@ def training_samples(
     for _, row in pseudo.iterrows():
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(pseudo_mask_path(settings, round_no, row["image_id"]), n_classes, hw)
-        # A region left as the generic `defect` says *where* but not *which*: it teaches nothing about the
-        # class and must not teach "background" either, so it is ignored. Regions the teacher or the
-        # prototypes named (confidently enough to be auto-accepted) and the normal pixels do count.
-        mask = np.where(mask == defect_id, IGNORE_INDEX, mask).astype(np.uint8)
-        sample = (image_of(settings, row), mask, SOURCE_WEIGHTS["pseudo"])
+        sample = (image_of(settings, row), pseudo_training_mask(mask, defect_id), SOURCE_WEIGHTS["pseudo"])
         if teacher_threshold is not None:
             raw = np.load(settings.pseudo_dir / f"round-{round_no:04d}" / "maps" / f"{row['image_id']}.npy")
             sample = (*sample, anomaly_probability(raw, teacher_threshold))
@@ -103,10 +101,29 @@ def training_samples(
     return samples, len(human), len(pseudo), len(synthetic)
 
 
+def pseudo_training_mask(mask: np.ndarray, defect_id: int) -> np.ndarray:
+    """A pseudo-label as a training target: (H, W) uint8 class ids, unnamed regions ignored.
+
+    A region left as the generic `defect` says *where* but not *which*: it teaches nothing about the class
+    and must not teach "background" either, so it is ignored. Regions the teacher or the prototypes named
+    (confidently enough to be auto-accepted) and the normal pixels do count.
+    """
+    return np.where(mask == defect_id, IGNORE_INDEX, mask).astype(np.uint8)
+
+
 def synthetic_mask_path(settings: Settings, image_path: str) -> Path:
     """The class mask beside a synthetic image: ``synthetic/.../images/X.png`` -> ``.../masks/X.png``."""
     path = settings.data_dir / image_path
     return path.parent.parent / "masks" / path.name
+
+
+def student_samples(
+    settings: Settings, round_no: int, name: str, teacher_threshold: float | None
+) -> tuple[list, int, int, int]:
+    """:func:`training_samples` for student ``name``: with the teacher's maps only for students that
+    distil from them."""
+    distils = getattr(LOSSES[name], "distills", False)  # a ClassVar: no model needs building to know
+    return training_samples(settings, round_no, teacher_threshold if distils else None)
 
 
 @task(name="train-student", cache_policy=NO_CACHE)
@@ -115,10 +132,7 @@ def train_student(
 ) -> TrainedStudent:
     """Train student `name` (default: the first of `round.students`) and save it under models/."""
     name = name or settings.round.students[0]
-    distils = getattr(LOSSES[name], "distills", False)  # a ClassVar: no model needs building to know
-    samples, n_human, n_pseudo, n_synthetic = training_samples(
-        settings, round_no, teacher_threshold if distils else None
-    )
+    samples, n_human, n_pseudo, n_synthetic = student_samples(settings, round_no, name, teacher_threshold)
     if not samples:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
     model_dir = settings.models_dir / f"round-{round_no:04d}" / name
@@ -177,6 +191,13 @@ def folder_samples(settings: Settings, data: Path) -> list:
 @task(name="evaluate-student", cache_policy=NO_CACHE)
 def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: int = 6) -> Evaluation:
     """Metrics on the frozen, human-verified test split (never trained on)."""
+    images, masks, names = frozen_test_split(settings)
+    return evaluate_on(settings, Path(student.model_dir), images, masks, names, n_overlays)
+
+
+def frozen_test_split(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """The frozen test split in manifest order: (H, W, 3) images, (H, W) class masks and their names
+    (the promotion gate predicts the champion on the same images, under the same names)."""
     test = list(human_labeled(settings, "test"))
     if not test:
         raise ValueError(
@@ -185,7 +206,7 @@ def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: in
     images = [image_of(settings, row) for row, _ in test]
     masks = [mask for _, mask in test]
     names = [f"test_{row['image_id'][:12]}" for row, _ in test]
-    return evaluate_on(settings, Path(student.model_dir), images, masks, names, n_overlays)
+    return images, masks, names
 
 
 def evaluate_on(
@@ -196,7 +217,8 @@ def evaluate_on(
     names: list[str] | None = None,
     n_overlays: int = 6,
 ) -> Evaluation:
-    """Metrics of the student in `model_dir` on images with class masks, plus a few overlays."""
+    """Metrics of the student in `model_dir` on images with class masks, plus a few overlays and the
+    per-image statistics the promotion gate needs (images named by `names`)."""
     model = load_student(model_dir)
     start = time.perf_counter()
     outputs = predict_images(model, images)
@@ -208,6 +230,9 @@ def evaluate_on(
     metrics["eval_images_per_s"] = len(images) / max(seconds, 1e-9)
 
     names = names or [f"image_{i:04d}" for i in range(len(images))]
+    stats = promotion.image_stats(
+        preds, maps, masks, settings.classes, anomaly_scorer=is_anomaly_scorer(model), image_ids=names
+    )
     defective = [i for i, m in enumerate(masks) if m.any()][:n_overlays]
     overlays = {
         names[i]: np.concatenate(
@@ -219,4 +244,4 @@ def evaluate_on(
     bars = per_class_bars(metrics, settings.classes)
     if bars is not None:
         overlays["per_class_iou"] = bars
-    return Evaluation(metrics=metrics, n_test=len(images), overlays=overlays)
+    return Evaluation(metrics=metrics, n_test=len(images), overlays=overlays, stats=stats)

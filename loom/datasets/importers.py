@@ -76,7 +76,7 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _prepare_dst(dst: Path, classes: Sequence[str]) -> None:
+def prepare_folder(dst: Path, classes: Sequence[str]) -> None:
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} is not empty; import into a new folder (or remove this one first)")
     (dst / "images").mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,9 @@ def _place_image(src_file: Path, dst: Path, stem: str) -> Path:
     return target
 
 
-def _row(image: Path, dst: Path, split: str, source: str, classes: str = "", human: bool = False) -> dict:
+def manifest_row(
+    image: Path, dst: Path, split: str, source: str, classes: str = "", human: bool = False
+) -> dict:
     """A manifest row for a placed image; width/height stay empty when the header cannot be read."""
     try:
         width, height = image_size(image)
@@ -131,7 +133,7 @@ def _row(image: Path, dst: Path, split: str, source: str, classes: str = "", hum
     }
 
 
-def _save(rows: list[dict], dst: Path) -> Path:
+def save_folder(rows: list[dict], dst: Path) -> Path:
     manifest.save(pd.DataFrame(rows), dst / "manifest.parquet")
     return dst
 
@@ -207,11 +209,11 @@ def import_mvtec(
     category_dir = find_mvtec_category(Path(src), category)
     dst = Path(dst)
     classes = list(classes)
-    _prepare_dst(dst, classes)
+    prepare_folder(dst, classes)
     source = f"mvtec-{category_dir.name}"
     used: set[str] = set()
     rows = [
-        _row(_place_image(f, dst, _unique_stem(f"train_good_{f.stem}", used)), dst, "train", source)
+        manifest_row(_place_image(f, dst, _unique_stem(f"train_good_{f.stem}", used)), dst, "train", source)
         for f in _visible_files(category_dir / "train" / GOOD)
     ]
     for type_dir in sorted(p for p in (category_dir / "test").iterdir() if p.is_dir()):
@@ -223,9 +225,11 @@ def import_mvtec(
             shown = _test_mask(
                 category_dir, defect_type, f, image, mask_path, classes.index(name) + 1 if name else 0
             )
-            rows.append(_row(image, dst, "test", source, name if shown else "", human=mask_path.exists()))
+            rows.append(
+                manifest_row(image, dst, "test", source, name if shown else "", human=mask_path.exists())
+            )
     logger.info("imported MVTec AD %s: %d images into %s", category_dir.name, len(rows), dst)
-    return _save(rows, dst)
+    return save_folder(rows, dst)
 
 
 def _test_mask(
@@ -264,11 +268,13 @@ def import_plain(src: Path, dst: Path, classes: Sequence[str] = DEFAULT_CLASSES)
         for p in src.rglob("*")
         if p.is_file() and not any(s.startswith(".") for s in p.relative_to(src).parts)
     )
-    _prepare_dst(dst, classes)
+    prepare_folder(dst, classes)
     used: set[str] = set()
     rows = []
     for f in files:
         stem = "__".join((*f.relative_to(src).parent.parts, f.stem))
-        rows.append(_row(_place_image(f, dst, _unique_stem(stem, used)), dst, "train", src.resolve().name))
+        rows.append(
+            manifest_row(_place_image(f, dst, _unique_stem(stem, used)), dst, "train", src.resolve().name)
+        )
     logger.info("imported %d files from %s into %s", len(rows), src, dst)
-    return _save(rows, dst)
+    return save_folder(rows, dst)

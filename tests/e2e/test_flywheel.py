@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -122,6 +123,18 @@ def test_round_records_are_complete(flywheel):
     first = flywheel["records"][0]["counts"]
     assert first["ingested"] == 40 and first["test"] == 12
     assert first["reviewed"] == first["sent_to_review"] == TINY_ROUND["review_budget"]
+    for rec in flywheel["records"]:
+        assert rec["selection"]["strategy"] == "combined"
+        assert len(rec["selection"]["audit"]) == rec["counts"]["audited"]
+        assert (
+            rec["auto_accept"]["risk"] == 0.1
+            and rec["auto_accept"]["candidates"] >= rec["counts"]["auto_accepted"]
+        )
+    # Every round's audit was answered: calibration rests on all of them, each against its own round's label.
+    audits = pd.read_parquet(settings.calibration_path)
+    assert len(audits) == sum(r["counts"]["audited"] for r in flywheel["records"])
+    assert audits["wrong"].notna().all()
+    assert flywheel["records"][-1]["auto_accept"]["audits"] == len(audits)
 
 
 def test_bad_input_is_quarantined_and_the_round_goes_on(flywheel):
@@ -225,6 +238,18 @@ def test_dvc_restores_round_one_byte_identical(flywheel):
     assert data_hashes(settings.data_dir) != flywheel["hashes1"]
 
 
+def test_reproduce_gives_a_rounds_metrics_back(flywheel):
+    from flows.reproduce import reproduce_round
+
+    settings = flywheel["settings"]
+    before = data_hashes(settings.data_dir)
+    results = reproduce_round(settings, "round-0002")
+    assert {r.student for r in results} == set(flywheel["records"][1]["students"])
+    for result in results:
+        assert result.differences() and result.within_tolerance, result
+    assert data_hashes(settings.data_dir) == before  # the workspace is back at its latest state
+
+
 def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
     settings = flywheel["settings"]
     frame = render_sample(5, height=256, width=4096, defect_prob=1.0).image
@@ -295,6 +320,24 @@ def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
     record = json.loads((settings.round_dir(5) / "round.json").read_text())
     assert record["prefect_flow_run_id"] == str(run.id)
     assert record["counts"]["sent_to_review"] == 0
+
+
+def test_the_flywheel_deployment_runs_rounds_as_subflows_until_its_stop_rule(flywheel):
+    from prefect.deployments import run_deployment
+
+    from loom.runner import prefect_api
+
+    settings = flywheel["settings"]
+    with prefect_api(settings):  # the deployments were registered by the scheduled-round test above
+        run = run_deployment(
+            "flywheel/until-plateau",
+            parameters={"max_rounds": 1, "plateau_rounds": 0, "review_budget": 0, "review_timeout_s": 5},
+            timeout=900,
+        )
+    assert run.state.is_completed(), f"deployment run ended {run.state}"
+    assert not (settings.round_dir(7) / "round.json").exists()  # max_rounds: 1
+    record = json.loads((settings.round_dir(6) / "round.json").read_text())
+    assert record["prefect_flow_run_id"] != str(run.id)  # the round ran as its own (sub)flow run
 
 
 def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel):

@@ -7,7 +7,7 @@ import pytest
 
 from loom import manifest
 from loom.config import DEFAULT_CLASSES, load_settings
-from tasks.review import choose_for_review
+from tasks.select import open_pool
 
 
 def test_settings_layer_params_env_and_overrides(tmp_path, monkeypatch):
@@ -50,36 +50,21 @@ def test_upsert_is_a_noop_for_known_ids_and_roundtrips(tmp_path):
     assert list(loaded.columns) == list(manifest.COLUMNS) and len(loaded) == 4
 
 
-def test_selection_takes_most_uncertain_and_auto_accepts_confident():
-    unc = [0.9, 0.05, 0.5, 0.8, 0.1, 0.3]
-    df = _rows(6, split="train", label_source="pseudo", review_state="none", uncertainty=unc)
-    sel = choose_for_review(df, budget=2, confident_low=0.15)
-    assert sel.review == ["id00", "id03"]
-    assert sorted(sel.auto_accepted) == ["id01", "id04"]
-
-
-def test_selection_counts_the_backlog_and_skips_test_human_and_quarantined():
-    df = _rows(
-        5, split="train", label_source="pseudo", review_state="none", uncertainty=[0.9, 0.8, 0.7, 0.6, 0.5]
-    )
+def test_open_pool_skips_queued_reviewed_test_human_and_quarantined():
+    df = _rows(6, split="train", label_source="pseudo", review_state="none")
     df.loc[0, "review_state"] = "queued"
     df.loc[1, "split"] = "test"
     df.loc[2, "label_source"] = "human"
     df.loc[3, "quarantine_reason"] = "truncated"
-    sel = choose_for_review(df, budget=2, confident_low=0.0)
-    assert sel.review == ["id00", "id04"]
+    df.loc[4, "review_state"] = "auto_accepted"  # re-judged every round: still open
+    assert open_pool(df)["image_id"].tolist() == ["id04", "id05"]
 
 
-def test_selection_breaks_uncertainty_ties_by_score():
-    df = _rows(
-        3,
-        split="train",
-        label_source="pseudo",
-        review_state="none",
-        uncertainty=[1.0, 1.0, 0.2],
-        score=[0.3, 0.9, 0.1],
-    )
-    assert choose_for_review(df, budget=1, confident_low=0.0).review == ["id01"]
+def test_retired_round_keys_warn_instead_of_failing(tmp_path):
+    (tmp_path / "params.yaml").write_text("round:\n  confident_low: 0.2\n  review_budget: 7\n")
+    with pytest.warns(UserWarning, match="confident_low is no longer used"):
+        settings = load_settings(tmp_path)
+    assert settings.round.review_budget == 7
 
 
 def test_review_uncertainty_flags_unnamed_defects_trusts_confident_names_and_ranks_the_rest():
