@@ -10,7 +10,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from loom import tracking
 from loom.config import Settings, load_settings
+from loom.plots import curve_points, round_curve
 from tasks.augment import augment, log_generator
 from tasks.clicker import fine_tune_round_clicker
 from tasks.common import StepClock
@@ -127,6 +129,7 @@ def flywheel_round(
             f"mIoU {evaluation.metrics.get('miou', 0.0):.3f}"
         ),
     }
+    log_round_curve(settings, promotion.run_id, [*round_records(settings), record])
     with clock.step("version"):
         record["step_seconds"] = clock.seconds  # everything but versioning itself
         version = version_round(settings, round_no, record)
@@ -134,6 +137,13 @@ def flywheel_round(
     record["git"] = version
     get_run_logger().info("round %d done: %s", round_no, record["summary"])
     return record
+
+
+def log_round_curve(settings: Settings, run_id: str, records: list[dict[str, Any]]) -> None:
+    """The round curve so far (test mIoU against reviews, reviews per round) on the challenger's run."""
+    tracking.log_figure(
+        settings, run_id, round_curve({"this workspace": curve_points(records)}), "round_curve.png"
+    )
 
 
 def unprocessed_batches(settings: Settings, incoming: str | None) -> list[str]:

@@ -33,7 +33,7 @@ from loom.config import PROJECT_ROOT, Settings, workspace_secret
 from loom.datasets.fabric import generate
 from loom.datasets.stream import batches_from_folder
 from loom.imageio import read_mask
-from loom.plots import round_curve
+from loom.plots import curve_points, round_curve
 from loom.runner import run_round
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,6 @@ def round_row(record: dict[str, Any], seconds: float) -> dict[str, Any]:
         "promoted": record["mlflow"]["promoted"],
         "wall_s": seconds,
     }
-
-
-def curve_points(rows: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """The demo's rounds as points of :func:`loom.plots.round_curve`."""
-    reviewed = np.cumsum([r["reviewed"] for r in rows])
-    return [
-        {"round": r["round"], "miou": r["miou"], "reviews": r["reviewed"], "reviewed_cum": float(total)}
-        for r, total in zip(rows, reviewed, strict=True)
-    ]
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
@@ -244,7 +235,7 @@ def run_demo(
     }
     (settings.workspace / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     curve = settings.workspace / "demo_curve.png"
-    Image.fromarray(round_curve({"demo": curve_points(rows)})).save(curve)
+    Image.fromarray(round_curve({"demo": curve_points(records)})).save(curve)
     console.print(f"round curve (test mIoU against reviews, reviews per round): {curve}")
     console.print(f"peak memory of the demo process: {peak_mb:.0f} MB; total {summary['total_s']:.0f} s")
     console.print(

@@ -68,3 +68,22 @@ def round_curve(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> np.ndarr
     fig.tight_layout()
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def curve_points(records: Sequence[Mapping]) -> list[dict[str, float]]:
+    """Round records (rounds/NNNN/round.json, in order) as the points of :func:`round_curve`."""
+    points, reviewed = [], 0
+    for record in records:
+        counts = record["counts"]
+        reviewed += int(counts["reviewed"])
+        judged = int(record.get("auto_accept", {}).get("candidates") or 0)
+        points.append(
+            {
+                "round": record["round"],
+                "miou": float(record["metrics"].get("miou", np.nan)),
+                "reviews": int(counts["reviewed"]),
+                "reviewed_cum": reviewed,
+                "auto_accepted_share": counts["auto_accepted"] / judged if judged else 0.0,
+            }
+        )
+    return points

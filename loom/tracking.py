@@ -175,6 +175,11 @@ def log_round(
     return RoundRun(run_id=run.info.run_id, model_version=version, experiment_id=experiment_id)
 
 
+def log_figure(settings: Settings, run_id: str, image: np.ndarray, artifact_file: str) -> None:
+    """Add an (H, W, 3) uint8 picture to a finished run (e.g. the round curve, drawn after the run)."""
+    _connect(settings).log_image(run_id, np.asarray(image), artifact_file=artifact_file)
+
+
 def version_tagged(settings: Settings, registered: str, key: str, value: str) -> str | None:
     """The registered version of ``registered`` whose tag ``key`` is ``value`` (a model logged before)."""
     client = _connect(settings)

@@ -174,6 +174,7 @@ def test_mlflow_has_one_run_per_round_and_a_champion(flywheel):
         assert {"miou", "pixel_auroc", "image_auroc"} <= set(run.data.metrics)
     logged = {a.path for a in client.list_artifacts(run_ids[0], "overlays")}
     assert "overlays/per_class_iou.png" in logged and any(p.startswith("overlays/test_") for p in logged)
+    assert "round_curve.png" in {a.path for a in client.list_artifacts(run_ids[-1])}
     champion = client.get_model_version_by_alias(settings.registered_model, "champion")
     assert champion.run_id in run_ids
 

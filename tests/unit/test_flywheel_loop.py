@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from flows.flywheel import stop_reason, unprocessed_batches
 from loom.config import load_settings
+from loom.plots import curve_points, round_curve
 
 
 def _record(round_no: int, promoted: bool, miou: float, reviewed: int = 10) -> dict:
@@ -46,3 +48,19 @@ def test_each_round_takes_the_next_batch_no_round_has_ingested(tmp_path):
     assert unprocessed_batches(settings, None) == []
     with pytest.raises(FileNotFoundError, match="incoming folder"):
         unprocessed_batches(settings, str(tmp_path / "missing"))
+
+
+def test_the_round_curve_counts_reviews_cumulatively_and_draws():
+    records = [
+        {**_record(1, True, 0.3, reviewed=24), "counts": {"reviewed": 24, "auto_accepted": 0}},
+        {
+            **_record(2, True, 0.4),
+            "counts": {"reviewed": 12, "auto_accepted": 30},
+            "auto_accept": {"candidates": 120},
+        },
+    ]
+    points = curve_points(records)
+    assert [p["reviewed_cum"] for p in points] == [24, 36]
+    assert [p["auto_accepted_share"] for p in points] == [0.0, 0.25]
+    image = round_curve({"a": points, "b": points[:1]})
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
