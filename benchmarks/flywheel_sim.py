@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,7 +99,7 @@ def dataset(args: argparse.Namespace, classes: tuple[str, ...]) -> tuple[list, l
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loom.config import load_settings
+    from loom.config import PROJECT_ROOT, load_settings
 
     args = parse(argv)
     if args.report:
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
+    # The run reads the settings of its start: edits of the project's params.yaml meanwhile do not reach it.
+    (args.work / "ws").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT_ROOT / "params.yaml", args.work / "ws" / "params.yaml")
     probe = load_settings(args.work / "ws")
     train, test = dataset(args, probe.classes)
     need = args.first + (args.rounds - 1) * args.batch

@@ -29,7 +29,15 @@ from loom.augment import (
     write_pairs,
 )
 from loom.config import Settings
-from tasks.common import class_names, human_labeled, image_of, load_manifest, save_manifest, task_logger
+from tasks.common import (
+    class_names,
+    human_labeled,
+    image_of,
+    load_manifest,
+    presumed_normals,
+    save_manifest,
+    task_logger,
+)
 
 
 @dataclass
@@ -46,10 +54,6 @@ class AugmentOutcome:
     @property
     def total(self) -> int:
         return int(sum(self.per_class.values()))
-
-
-#: Backgrounds taken from the teacher's most normal-looking images when no normal is labeled or accepted.
-FALLBACK_NORMALS = 8
 
 
 def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
@@ -74,10 +78,7 @@ def human_train_set(settings: Settings) -> tuple[list[np.ndarray], list[np.ndarr
     if normals or len(quiet):
         normals += [image_of(settings, row) for _, row in quiet.iterrows()]
         return images, masks, normals
-    # Nothing accepted yet (auto-accept waits for enough audits): the fabric the teacher finds most normal.
-    unflagged = train[(train["label_source"] == "pseudo") & (train["classes"].fillna("") == "")]
-    calmest = unflagged.sort_values(["score", "image_id"]).head(FALLBACK_NORMALS)
-    return images, masks, [image_of(settings, row) for _, row in calmest.iterrows()]
+    return images, masks, [image_of(settings, row) for _, row in presumed_normals(settings).iterrows()]
 
 
 def augment_mode(setting: str) -> str:

@@ -39,6 +39,20 @@ def human_labeled(settings: Settings, split: str) -> Iterator[tuple[pd.Series, n
         yield row, human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"])))
 
 
+#: How many of the teacher's calmest images stand in for normal fabric while there is no other: people have
+#: labeled no normal image and auto-accept has passed none yet (it waits for enough audits).
+PRESUMED_NORMALS = 8
+
+
+def presumed_normals(settings: Settings) -> pd.DataFrame:
+    """Manifest rows of the train images the teacher found most normal (unflagged, lowest scores)."""
+    df = manifest.usable(load_manifest(settings))
+    unflagged = df[
+        (df["split"] == "train") & (df["label_source"] == "pseudo") & (df["classes"].fillna("") == "")
+    ]
+    return unflagged.sort_values(["score", "image_id"]).head(PRESUMED_NORMALS)
+
+
 def pseudo_mask_path(settings: Settings, round_no: int, image_id: str):
     return settings.pseudo_dir / f"round-{round_no:04d}" / "masks" / f"{image_id}.png"
 

@@ -32,11 +32,20 @@ from models.student.registry import (
     build_student,
     is_anomaly_scorer,
     load_student,
+    scores_anomalies,
     student_class,
 )
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
 from models.teacher.types import anomaly_probability
-from tasks.common import human_labeled, human_mask_of, image_of, load_manifest, pseudo_mask_path, task_logger
+from tasks.common import (
+    human_labeled,
+    human_mask_of,
+    image_of,
+    load_manifest,
+    presumed_normals,
+    pseudo_mask_path,
+    task_logger,
+)
 
 #: How much a training mask counts, by where it came from (people are trusted most).
 SOURCE_WEIGHTS = {"human": 1.0, "pseudo": 0.5, "synthetic": 0.7}
@@ -117,13 +126,42 @@ def synthetic_mask_path(settings: Settings, image_path: str) -> Path:
     return path.parent.parent / "masks" / path.name
 
 
+def nothing_to_train(settings: Settings) -> str | None:
+    """Why no student can be trained now (no labeled, auto-accepted or synthetic train image), else None."""
+    df = manifest.usable(load_manifest(settings))
+    train = df[df["split"] == "train"]
+    accepted = (train["label_source"] == "pseudo") & (train["review_state"] == "auto_accepted")
+    if (train["label_source"].isin(["human", "synthetic"]) | accepted).any():
+        return None
+    return (
+        "no human, auto-accepted or synthetic masks yet: people have reviewed nothing, and auto-accept waits "
+        "for their audits"
+    )
+
+
 def student_samples(
     settings: Settings, round_no: int, name: str, teacher_threshold: float | None
 ) -> tuple[list, int, int, int]:
     """:func:`training_samples` for student ``name``: with the teacher's maps only for students that
     distil from them."""
     distils = getattr(LOSSES[name], "distills", False)  # a ClassVar: no model needs building to know
-    return training_samples(settings, round_no, teacher_threshold if distils else None)
+    samples, n_human, n_pseudo, n_synthetic = training_samples(
+        settings, round_no, teacher_threshold if distils else None
+    )
+    if scores_anomalies(name) and not any(not sample[1].any() for sample in samples):
+        # An anomaly scorer learns normal fabric: before any normal image is labeled or auto-accepted it
+        # learns from the teacher's calmest images, as a practitioner would start one on a raw pool.
+        calm = presumed_normals(settings)
+        samples += [
+            (
+                image_of(settings, row),
+                np.zeros((int(row["height"]), int(row["width"])), np.uint8),
+                SOURCE_WEIGHTS["pseudo"],
+            )
+            for _, row in calm.iterrows()
+        ]
+        n_pseudo += len(calm)
+    return samples, n_human, n_pseudo, n_synthetic
 
 
 @task(name="train-student", cache_policy=NO_CACHE)

@@ -91,6 +91,11 @@ def is_anomaly_scorer(model: nn.Module) -> bool:
     return callable(getattr(model, "calibrate", None))
 
 
+def scores_anomalies(name: str) -> bool:
+    """:func:`is_anomaly_scorer` for a student name, without building the model."""
+    return callable(getattr(student_class(name), "calibrate", None))
+
+
 def load_student(directory: str | Path) -> nn.Module:
     """Rebuild any saved student (eval mode) from its folder (``config.json`` + ``model.safetensors``).
 

@@ -373,7 +373,8 @@ def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel)
 
 
 def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settings, tmp_path, monkeypatch):
-    """A real fault: nothing listens on the Label Studio port. No review, but a trained, versioned round."""
+    """A real fault: nothing listens on the Label Studio port. No review and, in a fresh workspace, nothing
+    to train on yet (no labels, no audits for auto-accept): a versioned round that says so."""
     import socket
 
     with socket.socket() as sock:
@@ -398,5 +399,7 @@ def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settin
     assert str(dead_port) in record["label_studio"]["skipped"]
     assert record["counts"]["reviewed"] == 0 and record["counts"]["pending_review"] > 0
     assert (settings.round_dir(1) / "round.json").exists() and record["git"]["tag"] == "round-0001"
+    assert record["students"] == {} and "no student trained" in record["summary"]
+    assert "people have reviewed nothing" in record["mlflow"]["skipped"]
     queued = manifest.load(settings.manifest_path).query("review_state == 'queued'")
     assert len(queued) == record["counts"]["sent_to_review"]  # nothing lost: they wait for the next round

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flows.flywheel import stop_reason, unprocessed_batches
+from flows.loop import stop_reason, unprocessed_batches
 from loom.config import load_settings
 from loom.plots import curve_points, round_curve
 
