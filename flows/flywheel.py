@@ -164,7 +164,7 @@ def training_record(trained: TrainedRound | None, untrained: str | None) -> dict
             "students": {},
         }
     return {
-        "mlflow": asdict(trained.promotion),
+        "mlflow": trained.promotion.summary(),
         "promotion": trained.promotion.decision(),  # the gate: challenger vs champion on today's test split
         "metrics": trained.evaluation.metrics,
         "students": {

@@ -10,7 +10,7 @@ tags on the challenger's model version and run.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +32,36 @@ COMPARED_WITH_TAG = TAG_PREFIX + "champion_version"
 
 @dataclass
 class Promotion:
-    student: str  # the round's best student, the one that competed with the champion
+    student: str  # the round's best student, the challenger that met the champion at the gate
     run_id: str
     model_version: str
-    promoted: bool
     champion_version: str | None  # the champion after the decision
     runs: dict[str, dict[str, str]]  # student name -> run_id, model_version
-    # The gate's decision (loom.promotion.GateDecision), against this champion version (None: first model).
-    compared_with: str | None = None
-    metric: str = ""
-    challenger_value: float | None = None
-    champion_value: float | None = None
-    delta: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    per_class_delta: dict[str, float] = field(default_factory=dict)
-    regressed: list[str] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
+    gate: GateDecision
+    compared_with: str | None = None  # the champion version the challenger was judged against (None: first)
+
+    @property
+    def promoted(self) -> bool:
+        return self.gate.promoted
+
+    @property
+    def reasons(self) -> list[str]:
+        return self.gate.reasons
+
+    def summary(self) -> dict[str, Any]:
+        """Who competed and what came of it (the round record's ``mlflow``)."""
+        return {
+            "student": self.student,
+            "run_id": self.run_id,
+            "model_version": self.model_version,
+            "promoted": self.promoted,
+            "champion_version": self.champion_version,
+            "runs": self.runs,
+        }
 
     def decision(self) -> dict[str, Any]:
-        """The gate's side of the promotion, JSON-ready (the round record's ``promotion``)."""
-        gate = {f.name for f in fields(GateDecision)} | {"compared_with"}
-        return {k: v for k, v in asdict(self).items() if k in gate}
+        """The gate's numbers and reasons, JSON-ready (the round record's ``promotion``)."""
+        return {"compared_with": self.compared_with, **self.gate.to_record()}
 
 
 def best_student(evaluations: list[Evaluation], metric: str) -> int:
@@ -125,8 +133,8 @@ def log_and_promote(
             s.name: {"run_id": r.run_id, "model_version": r.model_version}
             for s, r in zip(students, runs, strict=True)
         },
+        gate=decision,
         compared_with=compared_with,
-        **decision.to_record(),  # promoted, metric, values, interval, per-class deltas, reasons
     )
 
 

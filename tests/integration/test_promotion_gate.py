@@ -214,12 +214,12 @@ def test_each_round_is_judged_against_the_champion_it_met(rounds: Rounds) -> Non
     assert [p.model_version for p in (first, trained, same)] == ["1", "2", "3"]
     assert first.promoted and first.compared_with is None and "no champion" in first.reasons[0]
     assert trained.promoted and trained.compared_with == "1"
-    assert trained.metric == "miou" and trained.ci_low > 0 and not trained.regressed
+    assert trained.gate.metric == "miou" and trained.gate.ci_low > 0 and not trained.gate.regressed
     assert not same.promoted and same.compared_with == "2"
-    assert same.delta == 0.0 and same.ci_low == 0.0  # the same weights predict the same masks
+    assert same.gate.delta == 0.0 and same.gate.ci_low == 0.0  # the same weights predict the same masks
     assert same.champion_version == "2"
     # The champion was predicted again on the split: its value matches its own evaluation there.
-    assert same.champion_value == pytest.approx(rounds.evaluations[2].metrics["miou"])
+    assert same.gate.champion_value == pytest.approx(rounds.evaluations[2].metrics["miou"])
     record = same.decision()
     assert record["promoted"] is False and record["compared_with"] == "2" and "reasons" in record
     assert "run_id" not in record
