@@ -140,6 +140,7 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
             "wrong": pd.NA,
         }
     ).astype(audits.dtypes.to_dict())
+    new = new[~new["image_id"].isin(audits["image_id"])]  # an audit is drawn once, whatever reruns
     write_calibration(settings, pd.concat([audits, new], ignore_index=True))
     save_manifest(settings, manifest.update(df, sel.review, review_state="queued"))
     task_logger().info(
