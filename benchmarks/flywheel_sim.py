@@ -191,8 +191,11 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         labeled_embeddings=embeddings[[i for i, image_id in enumerate(ids) if image_id in arm.reviewed]],
         labeled_counts=_counts(arm, settings.classes),
     )
-    acceptable = calibration.acceptable(open_uncertainty)
-    provisional = calibration.auto_accept(arm.audit_confidence, arm.audit_wrong, open_uncertainty, args.risk)
+    flagged = np.array([labeled[i].class_mask.any() for i in open_])
+    acceptable = calibration.acceptable(open_uncertainty, flagged)
+    provisional = calibration.auto_accept(
+        arm.audit_confidence, arm.audit_wrong, open_uncertainty, flagged, args.risk
+    )
     plan = selection.plan_review(
         arm.name, candidates, args.budget, args.audit, acceptable, provisional, seed * 1000 + round_no
     )
@@ -204,7 +207,9 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         arm.reviewed[ids[open_[k]]] = pool[open_[k]].mask
 
     rest = [k for k in range(len(open_)) if k not in set(plan.review)]
-    passed = calibration.auto_accept(arm.audit_confidence, arm.audit_wrong, open_uncertainty[rest], args.risk)
+    passed = calibration.auto_accept(
+        arm.audit_confidence, arm.audit_wrong, open_uncertainty[rest], flagged[rest], args.risk
+    )
     accepted = [open_[rest[j]] for j in np.flatnonzero(passed)]
     wrong = [calibration.pseudo_label_wrong(labeled[i].class_mask, pool[i].mask, defect_id) for i in accepted]
 

@@ -108,9 +108,9 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     queued = manifest.usable(df)
     queued = queued[(queued["split"] == "train") & (queued["review_state"] == "queued")]
     pool = open_pool(df).sort_values("image_id")
-    uncertainty = pool["uncertainty"].fillna(1.0).to_numpy(dtype=np.float64)
-    acceptable = calibration.acceptable(uncertainty)
-    passed = passes_auto_accept(settings, uncertainty)
+    uncertainty, flagged = judged(pool)
+    acceptable = calibration.acceptable(uncertainty, flagged)
+    passed = passes_auto_accept(settings, uncertainty, flagged)
     budget = max(0, rp.review_budget - len(queued))
     n_audit = round(budget * rp.audit_share)
     plan = selection.plan_review(
@@ -177,8 +177,8 @@ def auto_accept(settings: Settings, labels: PseudoLabels) -> AutoAccept:
     audits = answered(audits)
 
     pool = open_pool(df)
-    uncertainty = pool["uncertainty"].fillna(1.0).to_numpy(dtype=np.float64)
-    passed = passes_auto_accept(settings, uncertainty, audits)
+    uncertainty, flagged = judged(pool)
+    passed = passes_auto_accept(settings, uncertainty, flagged, audits)
     accepted = pool["image_id"][passed].tolist()
     # Confidence is re-judged every round: what was auto-accepted before but does not pass now drops out.
     df.loc[df["review_state"] == "auto_accepted", "review_state"] = "none"
@@ -198,12 +198,18 @@ def auto_accept(settings: Settings, labels: PseudoLabels) -> AutoAccept:
     return AutoAccept(accepted, threshold, len(audits), error, risk, candidates=len(pool))
 
 
+def judged(pool: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) review uncertainty and (N,) whether the pseudo-label holds a defect, of manifest rows."""
+    uncertainty = pool["uncertainty"].fillna(1.0).to_numpy(dtype=np.float64)
+    return uncertainty, (pool["classes"].fillna("") != "").to_numpy()
+
+
 def passes_auto_accept(
-    settings: Settings, uncertainty: np.ndarray, audits: pd.DataFrame | None = None
+    settings: Settings, uncertainty: np.ndarray, flagged: np.ndarray, audits: pd.DataFrame | None = None
 ) -> np.ndarray:
-    """(N,) bool: which pseudo-labels of the given review uncertainties calibrated auto-accept takes, on
-    the answered audits (all so far unless given)."""
+    """(N,) bool: which pseudo-labels calibrated auto-accept takes, on the answered audits (all so far
+    unless given)."""
     audits = answered(read_calibration(settings)) if audits is None else audits
     return calibration.auto_accept(
-        audits["confidence"], audits["wrong"], uncertainty, settings.round.accept_risk
+        audits["confidence"], audits["wrong"], uncertainty, flagged, settings.round.accept_risk
     )

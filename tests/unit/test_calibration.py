@@ -67,3 +67,11 @@ def test_the_share_of_wrong_accepted_labels_stays_under_the_target_on_exchangeab
     assert np.mean(passed) > 0.3
     # Audits that were all wrong let nothing through.
     assert calibration.accept(confidence[:40], np.ones(40, bool), confidence[40:], risk).accepted.sum() == 0
+
+
+def test_only_confident_images_without_a_predicted_defect_are_candidates():
+    uncertainty = np.array([0.1, 0.1, 0.6, 0.4])
+    flagged = np.array([False, True, False, False])
+    assert calibration.acceptable(uncertainty, flagged).tolist() == [True, False, False, True]
+    passed = calibration.auto_accept(np.full(20, 0.95), np.zeros(20, bool), uncertainty, flagged, 0.1)
+    assert passed.tolist() == [True, False, False, True]  # a flagged image waits for people however sure
