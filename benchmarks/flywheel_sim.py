@@ -249,7 +249,9 @@ def base_row(seed, round_no, arm, pool, reviewed, accepted, metrics) -> dict:
 
 
 def _class_names(mask: np.ndarray, classes: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(classes[v - 1] for v in np.unique(mask) if 0 < v <= len(classes))
+    from tasks.common import class_names
+
+    return tuple(filter(None, class_names(mask, classes).split(",")))
 
 
 def _counts(arm: Arm, classes: tuple[str, ...]) -> dict[str, int]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -53,18 +52,7 @@ class Reproduced:
 def recorded_round(settings: Settings, tag: str) -> dict[str, Any]:
     """The round record stored under ``tag`` (read from git, whatever is checked out)."""
     round_no = int(tag.removeprefix("round-"))
-    path = f"rounds/{round_no:04d}/round.json"
-    shown = subprocess.run(
-        ["git", "-C", str(settings.workspace), "show", f"refs/tags/{tag}:{path}"],
-        capture_output=True,
-        text=True,
-    )
-    if shown.returncode != 0:
-        raise versioning.VersioningError(
-            f"workspace {settings.workspace} has no {path} at tag {tag}: {shown.stderr.strip()}; "
-            "`git -C <workspace> tag --list 'round-*'` lists the versioned rounds"
-        )
-    return json.loads(shown.stdout)
+    return json.loads(versioning.file_at_tag(settings, tag, f"rounds/{round_no:04d}/round.json"))
 
 
 def round_settings(workspace: Path, record: dict[str, Any]) -> Settings:

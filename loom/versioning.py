@@ -112,6 +112,18 @@ def _tag_commit(settings: Settings, tag: str) -> str | None:
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
+def file_at_tag(settings: Settings, tag: str, path: str) -> str:
+    """The text of ``path`` (relative to the workspace) as committed under ``tag``."""
+    shown = _git(settings, "show", f"refs/tags/{tag}:{path}", check=False)
+    if shown.returncode != 0:
+        known = _git(settings, "tag", "--list", "round-*").stdout.split()
+        raise VersioningError(
+            f"workspace {settings.workspace} has no {path} at tag {tag}; "
+            f"versioned rounds: {', '.join(known) or 'none yet'}"
+        )
+    return shown.stdout
+
+
 # ---- the repository ------------------------------------------------------------------------------------
 
 

@@ -41,9 +41,11 @@ class AutoAccept:
     candidates: int = 0  # open pseudo-labeled train images it judged
 
 
-def candidates_of(settings: Settings, pool: pd.DataFrame, labels: PseudoLabels) -> selection.Candidates:
-    """What selection looks at for the unreviewed train images ``pool`` (manifest rows)."""
-    df = manifest.usable(load_manifest(settings))
+def candidates_of(
+    settings: Settings, df: pd.DataFrame, pool: pd.DataFrame, labels: PseudoLabels
+) -> selection.Candidates:
+    """What selection looks at for the unreviewed train images ``pool`` (rows of the manifest ``df``)."""
+    df = manifest.usable(df)
     human = df[(df["label_source"] == "human") & (df["split"] == "train")]
     counts: dict[str, int] = {}
     for names in human["classes"].fillna(""):
@@ -110,12 +112,13 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     pool = open_pool(df).sort_values("image_id")
     uncertainty, flagged = judged(pool)
     acceptable = calibration.acceptable(uncertainty, flagged)
-    passed = passes_auto_accept(settings, uncertainty, flagged)
+    audits = read_calibration(settings)
+    passed = passes_auto_accept(settings, uncertainty, flagged, answered(audits))
     budget = max(0, rp.review_budget - len(queued))
     n_audit = round(budget * rp.audit_share)
     plan = selection.plan_review(
         rp.selection,
-        candidates_of(settings, pool, labels),
+        candidates_of(settings, df, pool, labels),
         budget,
         n_audit,
         acceptable,
@@ -131,7 +134,6 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
         confidence=dict(zip(ids, confidence.tolist(), strict=True)),
         provisionally_accepted=int(passed.sum()),
     )
-    audits = read_calibration(settings)
     new = pd.DataFrame(
         {
             "image_id": sel.audit,
@@ -205,11 +207,9 @@ def judged(pool: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def passes_auto_accept(
-    settings: Settings, uncertainty: np.ndarray, flagged: np.ndarray, audits: pd.DataFrame | None = None
+    settings: Settings, uncertainty: np.ndarray, flagged: np.ndarray, audits: pd.DataFrame
 ) -> np.ndarray:
-    """(N,) bool: which pseudo-labels calibrated auto-accept takes, on the answered audits (all so far
-    unless given)."""
-    audits = answered(read_calibration(settings)) if audits is None else audits
+    """(N,) bool: which pseudo-labels calibrated auto-accept takes, on the answered ``audits``."""
     return calibration.auto_accept(
         audits["confidence"], audits["wrong"], uncertainty, flagged, settings.round.accept_risk
     )
