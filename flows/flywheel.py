@@ -70,6 +70,8 @@ def flywheel_round(
             "task_ids": review.task_ids,
             "export": review.export,
             "skipped": review.skipped,
+            "wait": asdict(review.wait) if review.wait else None,
+            "refreshed_preannotations": review.refreshed,
         },
         **training_record(trained, untrained),
         "counts": {

@@ -20,6 +20,8 @@ small, so it is implemented here on the web stack Prefect already brings.
   route but ``/health``.
 - ``/webhook`` records annotation events; ``START_TRAINING`` (and ``/train``) start the clicker's
   fine-tuning as a Prefect deployment run, never inside the request.
+- The review relay (``loom/review_relay.py``): ``POST /review/suspended`` registers a round about to
+  suspend; annotation webhooks, a deadline timer and a periodic sweep resume it.
 
 Every interactive answer is appended to ``stack/backend/interactions.jsonl`` (task, label, region, click
 number, latency): the round reads clicks per reviewed image from it.
@@ -59,6 +61,7 @@ from loom.labelstudio import (
     decode_region,
     mask_to_results,
 )
+from loom.review_relay import PendingReview, ReviewRelay
 
 logger = logging.getLogger(__name__)
 
@@ -380,6 +383,7 @@ class Backend:
         self.sessions = Sessions()
         self._log_lock = threading.Lock()
         settings.backend_dir.mkdir(parents=True, exist_ok=True)
+        self.relay = ReviewRelay(settings, record=lambda entry: self.record(_EVENTS, entry))
 
     def record(self, name: str, entry: dict[str, Any]) -> None:
         line = json.dumps({"t": datetime.now(UTC).isoformat(), **entry}, default=str)
@@ -534,6 +538,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.on_event("startup")
     def _warm_up() -> None:
         backend.clicker.warm_up()
+        backend.relay.start(settings.review_relay_poll_s)
+
+    @app.on_event("shutdown")
+    def _stop_relay() -> None:
+        backend.relay.stop()
 
     @app.exception_handler(BackendError)
     async def _backend_error(request: Request, exc: BackendError) -> JSONResponse:
@@ -602,7 +611,26 @@ def create_app(settings: Settings) -> FastAPI:
         )
         if action == "START_TRAINING":
             return await run_in_threadpool(backend.start_fine_tuning, "START_TRAINING from Label Studio")
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+            # Off the request: Label Studio waits for this answer, and the check calls Label Studio back.
+            project_id = project.get("id")
+            threading.Thread(
+                target=backend.relay.on_annotation,
+                args=(int(project_id) if project_id is not None else None,),
+                name="review-relay-webhook",
+                daemon=True,
+            ).start()
         return {"status": "recorded", "action": action}
+
+    @app.post("/review/suspended", dependencies=[Depends(authorised)])
+    async def review_suspended(request: Request) -> dict[str, Any]:
+        body = await body_of(request, "review/suspended")
+        try:
+            review = PendingReview.from_dict(body)
+        except ValueError as exc:
+            raise BackendError(400, f"review/suspended: {exc}") from exc
+        backend.relay.register(review)
+        return {"status": "registered", "flow_run_id": review.flow_run_id}
 
     @app.post("/train", dependencies=[Depends(authorised)])
     async def train(request: Request) -> dict[str, Any]:

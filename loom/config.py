@@ -85,6 +85,8 @@ class Settings:
     registered_generator: str = "loom-defect-gen"
     ports: Ports = field(default_factory=Ports)
     round: RoundParams = field(default_factory=RoundParams)
+    # The ML backend's review relay sweeps for suspended rounds it missed (loom/review_relay.py).
+    review_relay_poll_s: float = 300.0
 
     # ---- paths -------------------------------------------------------------------------------
     @property

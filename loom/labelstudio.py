@@ -449,6 +449,45 @@ def push_tasks(
     return {item.image_id: task_ids[item.image_id] for item in items}
 
 
+def refresh_predictions(
+    settings: Settings,
+    project_id: int,
+    items: Sequence[TaskItem],
+    client: LabelStudio | None = None,
+) -> list[str]:
+    """Replace the pre-annotation of tasks nobody has annotated yet when a newer teacher made ``items``.
+
+    An image queued in an earlier round and still waiting shows that round's teacher's mask; people
+    should start from today's. Tasks with an annotation are left as they are.
+
+    Returns:
+        The image ids whose pre-annotation was replaced.
+    """
+    client = client or connect(settings)
+    task_ids = _task_image_ids(client, project_id)
+    refreshed = []
+    for item in items:
+        task_id = task_ids.get(item.image_id)
+        if task_id is None:
+            continue
+        task = client.tasks.get(id=task_id)
+        if (task.total_annotations or 0) > 0:
+            continue
+        stale = client.predictions.list(task=task_id)
+        if not stale or all(p.model_version == item.model_version for p in stale):
+            continue  # created by this push, or already today's
+        fresh = _task_payload(settings, item)["predictions"][0]
+        client.predictions.create(task=task_id, project=project_id, **fresh)
+        for old in stale:
+            client.predictions.delete(id=old.id)
+        refreshed.append(item.image_id)
+    if refreshed:
+        logger.info(
+            "Refreshed the pre-annotation of %d queued tasks in project %d", len(refreshed), project_id
+        )
+    return refreshed
+
+
 def _task_payload(settings: Settings, item: TaskItem) -> dict[str, Any]:
     if not 0.0 <= item.score <= 1.0:  # Label Studio shows the score as a percentage
         raise ValueError(f"pre-annotation score of {item.image_id} must be a probability, got {item.score}")
@@ -724,6 +763,7 @@ __all__ = [
     "ml_backend_id",
     "pull_annotations",
     "push_tasks",
+    "refresh_predictions",
     "results_to_mask",
     "review_progress",
     "task_url",

@@ -349,6 +349,11 @@ def _is_alive(pid: int, started_at: float | None) -> bool:
         return False
 
 
+def service_pid(settings: Settings, name: str) -> int | None:
+    """The pid of a running service of this workspace's stack (a name of ``SERVICES`` or ``WORKER``)."""
+    return _live_pid(settings, name)
+
+
 def _live_pid(settings: Settings, name: str) -> int | None:
     """The pid of a running process of ours; a stale pid file is removed."""
     record = _read_pid_file(settings, name)

@@ -9,10 +9,15 @@ from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
+from prefect.cache_policies import RUN_ID, TASK_SOURCE
 
 from loom import manifest
 from loom.config import Settings
 from loom.imageio import read_image, read_mask
+
+#: The steps before the review run once per flow run: a round resumed after its suspended review is run
+#: again from the top by the worker, and these come back from their persisted results.
+ONCE_PER_RUN = RUN_ID + TASK_SOURCE
 
 
 def load_manifest(settings: Settings) -> pd.DataFrame:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom.config import Settings
 from loom.ingest import IngestReport, ingest_folder
+from tasks.common import ONCE_PER_RUN
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
+@task(name="ingest", cache_policy=ONCE_PER_RUN, persist_result=True)
 def ingest(settings: Settings, source: str | None, round_no: int) -> IngestReport | None:
     """Copy new images from ``source`` into ``data/``; bad files are quarantined with a reason, never lost."""
     if not source:

@@ -12,13 +12,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom import manifest
 from loom.config import Settings
 from loom.predict import write_predictions
 from loom.teachers import LabeledImage, build_prototypes, build_teacher, label_images
-from tasks.common import class_names, human_mask_of, image_of, load_manifest, save_manifest, task_logger
+from tasks.common import (
+    ONCE_PER_RUN,
+    class_names,
+    human_mask_of,
+    image_of,
+    load_manifest,
+    save_manifest,
+    task_logger,
+)
 
 
 @dataclass
@@ -87,7 +94,7 @@ def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.nda
     return [mask for _, mask, _ in predict_images(model, images)]
 
 
-@task(name="pseudo-label", cache_policy=NO_CACHE)
+@task(name="pseudo-label", cache_policy=ONCE_PER_RUN, persist_result=True)
 def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     """Label every usable train image people have not labeled; update score/uncertainty in the manifest."""
     log = task_logger()

@@ -1,21 +1,32 @@
-"""Human review in Label Studio: send the selection (tasks/select.py), wait, take corrections back."""
+"""Human review in Label Studio: send the selection (tasks/select.py), wait, take corrections back.
+
+A round run from a deployment waits without a process: it registers its review with the relay of
+``loom backend`` and suspends (loom/review_relay.py); a Label Studio webhook or the review's deadline
+resumes it. A round run in-process (``loom round``, the demo) or as a subflow of the ``flywheel`` loop,
+which Prefect cannot suspend, polls Label Studio instead.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.flow_runs import suspend_flow_run
+from prefect.runtime import flow_run
 
 from loom import labelstudio, manifest
 from loom.backend import read_interactions
 from loom.config import Settings
 from loom.imageio import read_mask, write_mask
+from loom.review_relay import PendingReview, ReviewResumed, drop_pending
 from models.teacher.types import anomaly_probability
 from tasks.common import (
+    ONCE_PER_RUN,
     StepClock,
     class_names,
     human_mask_of,
@@ -29,6 +40,26 @@ from tasks.select import Selection
 
 
 @dataclass
+class Pushed:
+    project_id: int
+    task_ids: dict[str, int]  # image_id -> Label Studio task id
+    refreshed: list[str] = field(default_factory=list)  # queued tasks given today's pre-annotation
+
+
+@dataclass
+class ReviewWait:
+    """How the round waited for people and why it went on."""
+
+    how: str  # suspended | polled | none (nothing to wait for)
+    reason: str  # done | timeout | manual | nothing sent
+    trigger: str = ""  # what resumed a suspended round: webhook | timer | sweep | ui
+    annotated: int = 0
+    total: int = 0
+    waited_s: float = 0.0
+    note: str = ""  # why a deployment run polled instead of suspending
+
+
+@dataclass
 class ReviewOutcome:
     project_id: int | None
     reviewed: int  # newly reviewed this round (annotations re-read from earlier rounds are not counted)
@@ -39,6 +70,8 @@ class ReviewOutcome:
     skipped: str = ""  # why there was no review this round (Label Studio unreachable), else empty
     clicks: dict[str, int] = field(default_factory=dict)  # image_id -> smart key points, new reviews
     painted: dict[str, int] = field(default_factory=dict)  # image_id -> regions drawn by hand, new reviews
+    wait: ReviewWait | None = None
+    refreshed: list[str] = field(default_factory=list)
 
     def click_counts(self) -> dict[str, float | int]:
         """Clicks per reviewed image and how many images needed painting, for the round record."""
@@ -56,11 +89,16 @@ def defect_probability(score: float, image_threshold: float) -> float:
     return float(anomaly_probability(np.array([score], dtype=np.float32), image_threshold)[0])
 
 
-@task(name="push-to-label-studio", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def push_for_review(
-    settings: Settings, labels: PseudoLabels, selection: Selection
-) -> tuple[int, dict[str, int]]:
-    """Create the project if missing and one task per selected image with the teacher's pre-annotation."""
+@task(
+    name="push-to-label-studio",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=ONCE_PER_RUN,
+    persist_result=True,
+)
+def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> Pushed:
+    """Create the project if missing and one task per selected image with the teacher's pre-annotation;
+    tasks still queued from earlier rounds get today's pre-annotation."""
     project_id = labelstudio.ensure_project(settings)
     df = load_manifest(settings).set_index("image_id")
     items = []
@@ -77,9 +115,10 @@ def push_for_review(
                 round_no=labels.round_no,
             )
         )
+    refreshed = labelstudio.refresh_predictions(settings, project_id, items)
     task_ids = labelstudio.push_tasks(settings, project_id, items)
     task_logger().info("label studio project %d: %d tasks for review", project_id, len(task_ids))
-    return project_id, task_ids
+    return Pushed(project_id, task_ids, refreshed)
 
 
 @task(name="wait-for-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -103,6 +142,87 @@ def wait_for_review(
     else:
         log.info("all %d review tasks annotated", total)
     return done
+
+
+def wait_for_people(settings: Settings, pushed: Pushed, round_no: int) -> ReviewWait:
+    """Suspend the round until its review is done or times out; poll where suspending is not possible."""
+    ids = list(pushed.task_ids.values())
+    if not ids:
+        return ReviewWait("none", "nothing sent")
+    key = f"review-round-{round_no:04d}"
+    why_not = _suspend_unavailable()
+    if not why_not and not _resumed_before(key):
+        # Registered first, checked second: an annotation that lands in between is seen by one of them.
+        why_not = _register_with_relay(settings, pushed, round_no)
+        done, total = labelstudio.review_progress(settings, pushed.project_id, ids)
+        if done == total:
+            drop_pending(settings, str(flow_run.id))
+            return ReviewWait("none", "done", annotated=done, total=total)
+    if why_not:
+        task_logger().info("the round waits for its review in this process: %s", why_not)
+        started = time.monotonic()
+        done = wait_for_review(settings, pushed.project_id, pushed.task_ids)
+        return ReviewWait(
+            "polled",
+            "done" if done == len(ids) else "timeout",
+            annotated=done,
+            total=len(ids),
+            waited_s=round(time.monotonic() - started, 1),
+            note=why_not,
+        )
+    # The process exits here; the worker runs the flow again once the relay resumes it, and then
+    # suspend_flow_run returns the relay's answer (the key has fired).
+    answer = suspend_flow_run(wait_for_input=ReviewResumed, key=key)
+    drop_pending(settings, str(flow_run.id))
+    return ReviewWait("suspended", **answer.model_dump(include=set(ReviewResumed.model_fields)))
+
+
+def _suspend_unavailable() -> str:
+    """Why this flow run cannot be suspended, or "" when it can."""
+    if not flow_run.id or not flow_run.deployment_id:
+        return "not a deployment run (Prefect resumes only those)"
+    if flow_run.parent_flow_run_id:
+        return "a subflow (Prefect cannot suspend those)"
+    return ""
+
+
+def _resumed_before(key: str) -> bool:
+    """This flow run was suspended with ``key`` and resumed: it is now being run again from the top."""
+    from prefect.client.orchestration import get_client
+
+    if not flow_run.id:
+        return False
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run.id)
+    return key in (run.empirical_policy.pause_keys or set())
+
+
+def _register_with_relay(settings: Settings, pushed: Pushed, round_no: int) -> str:
+    """Tell ``loom backend``'s relay what the round waits for; "" when it took it, else why not."""
+    now = time.time()
+    review = PendingReview(
+        flow_run_id=str(flow_run.id),
+        round_no=round_no,
+        project_id=pushed.project_id,
+        task_ids=list(pushed.task_ids.values()),
+        deadline=now + settings.round.review_timeout_s,
+        registered=now,
+    )
+    try:
+        answer = requests.post(
+            f"{settings.backend_url}/review/suspended",
+            json=asdict(review),
+            auth=(settings.backend_user, settings.backend_password),
+            timeout=30,
+        )
+    except requests.RequestException as exc:
+        return f"the ML backend at {settings.backend_url} is not answering ({exc}); `loom up` starts it"
+    if not answer.ok:
+        return (
+            f"the ML backend at {settings.backend_url} refused the review "
+            f"(HTTP {answer.status_code}: {answer.text[:200]})"
+        )
+    return ""
 
 
 @task(name="pull-corrections", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -179,15 +299,17 @@ def human_review(
     """
     try:
         with clock.step("push_to_label_studio"):
-            project_id, task_ids = push_for_review(settings, labels, selection)
+            pushed = push_for_review(settings, labels, selection)
         with clock.step("wait_for_review"):
-            wait_for_review(settings, project_id, task_ids)
+            wait = wait_for_people(settings, pushed, labels.round_no)
         with clock.step("pull_corrections"):
-            outcome = pull_corrections(settings, project_id)
+            outcome = pull_corrections(settings, pushed.project_id)
     except labelstudio.LabelStudioError as err:
         task_logger().error(
             "no review this round: %s; the %d selected images stay queued", err, len(selection.review)
         )
         return ReviewOutcome(None, reviewed=0, pending=len(selection.review), skipped=str(err))
-    outcome.task_ids = task_ids
+    outcome.task_ids = pushed.task_ids
+    outcome.wait = wait
+    outcome.refreshed = pushed.refreshed
     return outcome

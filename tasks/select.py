@@ -18,7 +18,15 @@ from loom import calibration, manifest, selection
 from loom.config import Settings
 from loom.embeddings import cached_embeddings
 from loom.imageio import read_mask
-from tasks.common import human_mask_of, image_of, load_manifest, pseudo_mask_path, save_manifest, task_logger
+from tasks.common import (
+    ONCE_PER_RUN,
+    human_mask_of,
+    image_of,
+    load_manifest,
+    pseudo_mask_path,
+    save_manifest,
+    task_logger,
+)
 from tasks.pseudo_label import PseudoLabels
 
 
@@ -96,7 +104,7 @@ def answered(audits: pd.DataFrame) -> pd.DataFrame:
     return audits[audits["wrong"].notna()]
 
 
-@task(name="select-for-review", cache_policy=NO_CACHE)
+@task(name="select-for-review", cache_policy=ONCE_PER_RUN, persist_result=True)
 def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     """Queue the round's reviews: what is still queued, a random audit, then the strategy's picks.
 

@@ -341,6 +341,102 @@ def test_the_flywheel_deployment_runs_rounds_as_subflows_until_its_stop_rule(fly
     assert record["prefect_flow_run_id"] != str(run.id)  # the round ran as its own (sub)flow run
 
 
+def _flow_run_processes(settings) -> list:
+    """The worker's flow-run processes (``python -m prefect.engine``): busy while a round runs."""
+    import psutil
+
+    from loom import stack
+
+    worker = psutil.Process(stack.service_pid(settings, stack.WORKER))
+    return [p for p in worker.children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+
+
+def _wait_until_suspended(settings, run_id) -> bool:
+    """Poll the round's state until it is Suspended; returns whether a flow-run process was seen busy
+    on the way (what makes the idle check after it meaningful)."""
+    from prefect.client.orchestration import get_client
+
+    seen_busy = False
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 600
+        run = client.read_flow_run(run_id)
+        while not run.state.is_paused() and time.monotonic() < deadline:
+            assert not run.state.is_final(), f"the round ended {run.state} instead of suspending"
+            seen_busy = seen_busy or bool(_flow_run_processes(settings))
+            time.sleep(0.5)
+            run = client.read_flow_run(run_id)
+    assert run.state.name == "Suspended", f"the round is {run.state.name}, not suspended"
+    return seen_busy
+
+
+def _wait_until_final(run_id, timeout_s: float = 900):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + timeout_s
+        run = client.read_flow_run(run_id)
+        while not run.state.is_final() and time.monotonic() < deadline:
+            time.sleep(2)
+            run = client.read_flow_run(run_id)
+    return run
+
+
+def test_a_deployment_round_suspends_for_review_and_a_label_studio_webhook_resumes_it(flywheel):
+    """No process waits while people review: the round suspends, the worker's flow-run process exits,
+    and the webhook of the last annotation makes the relay in ``loom backend`` resume it."""
+    from prefect.deployments import run_deployment
+
+    from loom.runner import prefect_api
+
+    settings = flywheel["settings"]
+    with prefect_api(settings):  # the deployments were registered by the scheduled-round test above
+        run = run_deployment(
+            "flywheel-round/nightly",
+            parameters={"review_budget": 3, "review_timeout_s": 3600},
+            timeout=0,
+        )
+        seen_busy = _wait_until_suspended(settings, run.id)
+        time.sleep(2)  # the suspended process is on its way out
+        assert seen_busy and _flow_run_processes(settings) == []
+        stop = flywheel["annotator"].run_in_background(flywheel["project_id"], poll_s=1.0)
+        try:
+            run = _wait_until_final(run.id)
+        finally:
+            stop.set()
+    assert run.state.is_completed(), f"the resumed round ended {run.state}"
+    record = json.loads((settings.round_dir(7) / "round.json").read_text())
+    assert record["prefect_flow_run_id"] == str(run.id)
+    wait = record["label_studio"]["wait"]
+    assert (wait["how"], wait["reason"], wait["trigger"]) == ("suspended", "done", "webhook")
+    assert wait["annotated"] == wait["total"] == record["counts"]["sent_to_review"] > 0
+    assert record["counts"]["reviewed"] == record["counts"]["sent_to_review"]
+    events = [json.loads(line) for line in (settings.backend_dir / "events.jsonl").read_text().splitlines()]
+    resumed = [e for e in events if e["action"] == "review_resumed" and e["flow_run"] == str(run.id)]
+    assert len(resumed) == 1 and resumed[0]["trigger"] == "webhook"
+
+
+def test_the_review_deadline_resumes_a_suspended_round_and_the_rest_stays_queued(flywheel):
+    from prefect.deployments import run_deployment
+
+    from loom.runner import prefect_api
+
+    settings = flywheel["settings"]
+    with prefect_api(settings):
+        run = run_deployment(
+            "flywheel-round/nightly", parameters={"review_budget": 2, "review_timeout_s": 5}, timeout=0
+        )
+        _wait_until_suspended(settings, run.id)
+        run = _wait_until_final(run.id)
+    assert run.state.is_completed(), f"the resumed round ended {run.state}"
+    record = json.loads((settings.round_dir(8) / "round.json").read_text())
+    wait = record["label_studio"]["wait"]
+    assert (wait["how"], wait["reason"], wait["trigger"]) == ("suspended", "timeout", "timer")
+    assert wait["annotated"] == 0 and wait["waited_s"] >= 5
+    assert record["counts"]["reviewed"] == 0
+    assert record["counts"]["pending_review"] >= record["counts"]["sent_to_review"] > 0
+    assert not list((settings.backend_dir / "suspended").glob("*.json"))  # nothing left pending
+
+
 def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel):
     """Label Studio's "train" (here POST /train on the backend) starts the clicker-fine-tune deployment;
     the request returns at once and the worker does the training."""

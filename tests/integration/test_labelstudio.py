@@ -110,6 +110,32 @@ def test_push_tasks_creates_predictions_once(settings: Settings, project_id: int
     assert sorted(i for i in image_ids if i in task_ids) == sorted(task_ids)
 
 
+def test_queued_tasks_get_the_new_teachers_pre_annotation(settings: Settings, project_id: int) -> None:
+    """A task still waiting from an earlier round shows today's teacher; an answered one is left alone."""
+    items, truths = _make_items(settings, 2, start=40)
+    task_ids = ls.push_tasks(settings, project_id, items)
+    client = ls.connect(settings)
+    answered, waiting = items
+    client.annotations.create(
+        id=task_ids[answered.image_id], result=ls.mask_to_results(truths[answered.image_id], settings.classes)
+    )
+    newer = [
+        dataclasses.replace(item, mask=truths[item.image_id], model_version="teacher-t2", round_no=2)
+        for item in items
+    ]
+
+    assert ls.refresh_predictions(settings, project_id, newer) == [waiting.image_id]
+    assert ls.push_tasks(settings, project_id, newer) == task_ids  # no second task
+    (fresh,) = client.predictions.list(task=task_ids[waiting.image_id])
+    assert fresh.model_version == "teacher-t2"
+    np.testing.assert_array_equal(
+        ls.results_to_mask(fresh.result, HEIGHT, WIDTH, settings.classes), truths[waiting.image_id]
+    )
+    (kept,) = client.predictions.list(task=task_ids[answered.image_id])
+    assert kept.model_version == "teacher-t1"
+    assert ls.refresh_predictions(settings, project_id, newer) == []  # already today's
+
+
 def test_invite_annotator_is_idempotent(settings: Settings) -> None:
     email = f"annotator-{uuid.uuid4().hex[:8]}@loom.local"
     token = ls.invite_annotator(settings, email, "fabric-reviewer-2")
