@@ -17,7 +17,9 @@ No servers: every arm runs the round's own pieces in one process, on the same da
 - the student (fpn, the round's optimiser, ``--crops`` crops of ``--crop-size`` px, the seed as training seed)
   trains on human masks + accepted pseudo-labels (tasks.train weights and ignore rule) and is scored on the
   frozen test split (tasks.train.evaluate_on); its masks of the next round's pool give the disagreement;
-- the ``oracle`` arm trains on every pool image's true mask.
+- the ``oracle`` arm trains on every pool image's true mask;
+- ``combined-warm`` is ``combined`` with each round's student starting from the arm's previous one
+  (``round.warm_start``; a round starts from the champion) instead of from ImageNet.
 
 Deviations from a real round, for speed: the teacher is zero-shot (a round adds up to 4 people's normal
 images as references), the disagreement uses the previous round's student (a round uses the champion), and
@@ -45,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-ARMS = ("random", "uncertainty", "disagreement", "diversity", "rarity", "combined", "oracle")
+ARMS = ("random", "uncertainty", "disagreement", "diversity", "rarity", "combined", "combined-warm", "oracle")
+WARM = "-warm"  # the arm's student starts from its previous round's student (round.warm_start)
 
 
 @dataclass
@@ -57,6 +60,10 @@ class Arm:
     audit_confidence: list[float] = field(default_factory=list)
     audit_wrong: list[bool] = field(default_factory=list)
     student: Path | None = None
+
+    @property
+    def strategy(self) -> str:
+        return self.name.removesuffix(WARM)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,7 +204,7 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         arm.audit_confidence, arm.audit_wrong, open_uncertainty, flagged, args.risk
     )
     plan = selection.plan_review(
-        arm.name, candidates, args.budget, args.audit, acceptable, provisional, seed * 1000 + round_no
+        arm.strategy, candidates, args.budget, args.audit, acceptable, provisional, seed * 1000 + round_no
     )
     for k in plan.audit:
         truth = pool[open_[k]].mask
@@ -218,7 +225,8 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         (pool[i].image, pseudo_training_mask(labeled[i].class_mask, defect_id), SOURCE_WEIGHTS["pseudo"])
         for i in accepted
     ]
-    fit_student(settings, "fpn", samples, model_dir)
+    warm_from = arm.student if arm.name.endswith(WARM) else None
+    fit_student(settings, "fpn", samples, model_dir, init_from=warm_from)
     arm.student = model_dir
     metrics = evaluate_on(settings, model_dir, [t.image for t in test], [t.mask for t in test]).metrics
     row = base_row(seed, round_no, arm.name, len(pool), len(arm.reviewed), len(accepted), metrics)
@@ -264,7 +272,7 @@ def _counts(arm: Arm, classes: tuple[str, ...]) -> dict[str, int]:
 
 def _disagreement(arm: Arm, pool: list, open_: list[int], labeled: list) -> np.ndarray | None:
     """1 - IoU of the teacher's and the arm's previous student's defect masks on the open images."""
-    if arm.student is None or arm.name not in ("disagreement", "combined"):
+    if arm.student is None or arm.strategy not in ("disagreement", "combined"):
         return None
     from models.student.registry import load_student
     from models.student.training import predict_images

@@ -170,7 +170,7 @@ def training_record(trained: TrainedRound | None, untrained: str | None) -> dict
         "promotion": trained.promotion.decision(),  # the gate: challenger vs champion on today's test split
         "metrics": trained.evaluation.metrics,
         "students": {
-            s.name: {"metrics": e.metrics, "train_seconds": s.seconds}
+            s.name: {"metrics": e.metrics, "train_seconds": s.seconds, "warm_start": s.warm_start}
             for s, e in zip(trained.students, trained.evaluations, strict=True)
         },
     }

@@ -61,6 +61,7 @@ class RoundParams:
     batch_size: int = 8
     lr: float = 3e-3
     seed: int = 0
+    warm_start: bool = False  # a segmenter starts from the champion's weights (same architecture and size)
     promote_metric: str = "miou"  # picks the round's best student, the challenger
     # The promotion gate (loom/promotion.py): the lower end of the paired-bootstrap interval of the gain
     # must clear promote_min_gain (a margin for training noise, which resampling test images cannot see),

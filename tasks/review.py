@@ -178,10 +178,14 @@ def wait_for_people(settings: Settings, pushed: Pushed, round_no: int) -> Review
 
 
 def _suspend_unavailable() -> str:
-    """Why this flow run cannot be suspended, or "" when it can."""
-    if not flow_run.id or not flow_run.deployment_id:
-        return "not a deployment run (Prefect resumes only those)"
-    if flow_run.parent_flow_run_id:
+    """Why this flow run cannot be suspended (Prefect's own rules), or "" when it can."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context else None
+    if run is None or run.deployment_id is None:
+        return "not a deployment run (Prefect suspends only those)"
+    if run.parent_task_run_id is not None:
         return "a subflow (Prefect cannot suspend those)"
     return ""
 

@@ -7,6 +7,7 @@ from the images without defects and mark the rest as the generic `defect`. All s
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, fields
@@ -60,6 +61,7 @@ class TrainedStudent:
     seconds: float
     history: list[dict]
     n_synthetic: int = 0
+    warm_start: str = ""  # the champion version its weights started from ("" when trained from ImageNet)
 
 
 @dataclass
@@ -174,8 +176,12 @@ def train_student(
     if not samples:
         raise ValueError("train: no human or auto-accepted pseudo masks yet; review some images first")
     model_dir = settings.models_dir / f"round-{round_no:04d}" / name
-    student = fit_student(settings, name, samples, model_dir, {"round": round_no})
+    version, init_from = warm_start_source(settings, name) if settings.round.warm_start else ("", None)
+    student = fit_student(
+        settings, name, samples, model_dir, {"round": round_no, "warm_start": version}, init_from
+    )
     student.n_human, student.n_pseudo, student.n_synthetic = n_human, n_pseudo, n_synthetic
+    student.warm_start = version
     task_logger().info(
         "%s trained on %d human + %d pseudo + %d synthetic masks", name, n_human, n_pseudo, n_synthetic
     )
@@ -189,14 +195,46 @@ def _build(settings: Settings, name: str):
     return build_student(name, len(settings.classes), **overrides)
 
 
+def warm_start_source(settings: Settings, name: str) -> tuple[str, Path | None]:
+    """(version, folder) of the champion when a round's `name` can start from its weights, else ("", None).
+
+    Only a segmenter of the same architecture, classes and image size qualifies; anomaly scorers (whose
+    memory banks and thresholds describe the previous data) always start fresh.
+    """
+    from loom.tracking import champion, download_student
+
+    current = champion(settings)
+    if current is None:
+        return "", None
+    folder = download_student(settings, current[0])
+    config = json.loads((folder / "config.json").read_text())
+    same = (
+        config.get("student") == name
+        and config.get("image_size") == settings.round.image_size
+        and list(config.get("classes") or []) == list(settings.classes)
+    )
+    if not same or scores_anomalies(name):
+        task_logger().info("%s starts fresh: champion v%s is not the same segmenter", name, current[0])
+        return "", None
+    return current[0], folder
+
+
 def fit_student(
-    settings: Settings, name: str, samples: list, model_dir: Path, metadata: dict | None = None
+    settings: Settings,
+    name: str,
+    samples: list,
+    model_dir: Path,
+    metadata: dict | None = None,
+    init_from: Path | None = None,
 ) -> TrainedStudent:
-    """Train student `name` on (image, mask, weight[, teacher map]) samples and save it to `model_dir`."""
+    """Train student `name` on (image, mask, weight[, teacher map]) samples and save it to `model_dir`;
+    ``init_from``: a saved student of the same architecture whose weights it starts from (warm start)."""
     log = task_logger()
     rp = settings.round
     torch.manual_seed(rp.seed)  # the head's initial weights: the same seed gives the same student
     model = _build(settings, name)
+    if init_from is not None:
+        model.load_state_dict(load_student(init_from).state_dict())
     loss_fn = build_loss(name, model)
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
     on_epoch = lambda epoch, h: log.info("%s epoch %d: %s", name, epoch, h)  # noqa: E731

@@ -384,6 +384,7 @@ def _wait_until_final(run_id, timeout_s: float = 900):
 def test_a_deployment_round_suspends_for_review_and_a_label_studio_webhook_resumes_it(flywheel):
     """No process waits while people review: the round suspends, the worker's flow-run process exits,
     and the webhook of the last annotation makes the relay in ``loom backend`` resume it."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     from loom.runner import prefect_api
@@ -396,8 +397,13 @@ def test_a_deployment_round_suspends_for_review_and_a_label_studio_webhook_resum
             timeout=0,
         )
         seen_busy = _wait_until_suspended(settings, run.id)
-        time.sleep(2)  # the suspended process is on its way out
-        assert seen_busy and _flow_run_processes(settings) == []
+        assert seen_busy
+        deadline = time.monotonic() + 60  # the suspended process is on its way out
+        while _flow_run_processes(settings) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _flow_run_processes(settings) == []
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.name == "Suspended"  # still waiting, with no process
         stop = flywheel["annotator"].run_in_background(flywheel["project_id"], poll_s=1.0)
         try:
             run = _wait_until_final(run.id)
