@@ -64,14 +64,25 @@ def down(workspace: Path = WorkspaceOpt) -> None:
 
 @app.command()
 def status(workspace: Path = WorkspaceOpt) -> None:
-    """Show which servers run, their health and URLs, and whether the ML backend serves the project."""
+    """Show which servers run, their health and URLs, whether the ML backend serves the project, and
+    which rounds are suspended waiting for people."""
+    import time
+
     from loom import stack
+    from loom.review_relay import load_pending
 
     settings = load_settings(workspace)
     current = stack.status(settings)
     typer.echo(current.table())
     if current["labelstudio"].healthy and current["backend"].healthy:
         typer.echo(stack.backend_connection(settings))
+    for review in load_pending(settings):
+        left = review.deadline - time.time()
+        when = f"resumed in {left / 60:.0f} min at the latest" if left > 0 else "overdue: is loom backend up?"
+        typer.echo(
+            f"round {review.round_no} (flow run {review.flow_run_id}) is suspended for review: "
+            f"{len(review.task_ids)} tasks in project {review.project_id}, {when}"
+        )
 
 
 @app.command()

@@ -87,3 +87,18 @@ def test_a_sweep_resumes_what_was_missed_and_arms_the_rest(settings) -> None:
     ]
     assert later.flow_run_id in relay._timers
     relay.stop()
+
+
+def test_loom_status_names_the_suspended_rounds(settings) -> None:
+    from typer.testing import CliRunner
+
+    from loom.cli import app
+
+    overdue, waiting = _review(-5), _review(1800)
+    save_pending(settings, overdue)
+    save_pending(settings, waiting)
+    result = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["status", "--workspace", str(settings.workspace)])
+    assert result.exit_code == 0, result.output
+    assert f"flow run {waiting.flow_run_id}) is suspended for review: 3 tasks in project 1" in result.output
+    assert "resumed in 30 min at the latest" in result.output
+    assert f"flow run {overdue.flow_run_id}) is suspended" in result.output and "overdue" in result.output
