@@ -23,7 +23,14 @@ from loom.ingest import ingest_folder
 from models.student.registry import build_student, load_student
 from models.student.training import predict_images
 from tasks.track import Promotion, log_and_promote
-from tasks.train import Evaluation, TrainedStudent, evaluate_on, evaluate_student, fit_student
+from tasks.train import (
+    Evaluation,
+    TrainedStudent,
+    evaluate_on,
+    evaluate_student,
+    fit_student,
+    warm_start_source,
+)
 
 pytestmark = pytest.mark.integration
 logger = logging.getLogger(__name__)
@@ -260,3 +267,20 @@ def test_a_retry_logs_nothing_twice_and_repeats_the_first_decision(rounds: Round
     assert len(client.search_model_versions(f"name='{name}'")) == 3
     assert alias(rounds.settings, tracking.CHAMPION_ALIAS) == "2"
     assert alias(rounds.settings, tracking.CHALLENGER_ALIAS) == "3"
+
+
+def test_a_warm_start_begins_from_the_champions_weights(rounds: Rounds, data: Data, tmp_path: Path) -> None:
+    """With the learning rate at zero, training changes no weight: what the student holds is where it
+    started, the champion's weights when warm-started, fresh ones otherwise."""
+    settings = rounds.settings
+    version, folder = warm_start_source(settings, "fpn")
+    assert version == alias(settings, tracking.CHAMPION_ALIAS) == "2"
+    assert warm_start_source(settings, "bafpn") == ("", None)  # another architecture starts fresh
+    frozen = replace(settings, round=replace(settings.round, lr=0.0, epochs=1))
+    warm = fit_student(frozen, "fpn", data.train[:8], tmp_path / "warm", init_from=folder)
+    cold = fit_student(frozen, "fpn", data.train[:8], tmp_path / "cold")
+    champion = dict(load_student(folder).named_parameters())
+    for name, weights in load_student(warm.model_dir).named_parameters():
+        assert torch.equal(weights, champion[name]), name
+    cold_weights = dict(load_student(cold.model_dir).named_parameters())
+    assert any(not torch.equal(cold_weights[name], champion[name]) for name in champion)
