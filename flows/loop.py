@@ -1,4 +1,8 @@
-"""The wheel turning: rounds one after another until a stop rule (deployment `flywheel/until-plateau`)."""
+"""The wheel turning: rounds one after another until a stop rule (deployment `flywheel/until-plateau`).
+
+Each round is a subflow run of this one. Prefect cannot suspend subflows, so these rounds wait for their
+review by polling Label Studio (tasks/review.py), unlike a round run from its own deployment.
+"""
 
 from __future__ import annotations
 
