@@ -2,8 +2,9 @@
 
 The workspace is checked out at the round's tag (its DVC data: manifest, people's masks, the round's
 pseudo-labels and synthetic pairs; its round record), every student the round trained is trained again with
-the recorded parameters in deterministic mode and scored on that round's frozen test split; the workspace
-then goes back to its latest state. Models go to ``stack/reproduce/round-NNNN/`` so the round's own stay.
+the recorded parameters (from the champion version it was warm-started from, if any) in deterministic
+mode and scored on that round's frozen test split; the workspace then goes back to its latest state.
+Models go to ``stack/reproduce/round-NNNN/`` so the round's own stay.
 
 Tolerance: in deterministic mode on the machine and thread count that ran the round, the metrics come back
 exactly; another CPU or thread count changes floating-point summation order, so metrics are compared with
@@ -66,6 +67,7 @@ def round_settings(workspace: Path, record: dict[str, Any]) -> Settings:
 
 def reproduce_round(settings: Settings, tag: str, force: bool = False) -> list[Reproduced]:
     """Retrain and re-score every student of the round tagged ``tag``; the workspace is left as it was."""
+    from loom.tracking import download_student
     from tasks.train import evaluate_student, fit_student, student_samples
 
     record = recorded_round(settings, tag)
@@ -80,7 +82,10 @@ def reproduce_round(settings: Settings, tag: str, force: bool = False) -> list[R
         for name, recorded in record["students"].items():
             samples, *_ = student_samples(rs, round_no, name, threshold)
             out = rs.stack_dir / "reproduce" / tag / name
-            student = fit_student(rs, name, samples, out, {"round": round_no, "reproduced": True})
+            # A warm-started student starts again from the champion it started from then.
+            warm = recorded.get("warm_start") or ""
+            init_from = download_student(rs, warm) if warm else None
+            student = fit_student(rs, name, samples, out, {"round": round_no, "reproduced": True}, init_from)
             metrics = evaluate_student.fn(rs, student, n_overlays=0).metrics
             results.append(Reproduced(name, recorded["metrics"], metrics))
             log.info("%s of %s reproduced: %s", name, tag, results[-1].differences())

@@ -61,12 +61,12 @@ class RoundParams:
     batch_size: int = 8
     lr: float = 3e-3
     seed: int = 0
-    warm_start: bool = False  # a segmenter starts from the champion's weights (same architecture and size)
+    warm_start: bool = True  # a segmenter starts from the champion's weights (same architecture and size)
     promote_metric: str = "miou"  # picks the round's best student, the challenger
     # The promotion gate (loom/promotion.py): the lower end of the paired-bootstrap interval of the gain
     # must clear promote_min_gain (a margin for training noise, which resampling test images cannot see),
     # and no class with at least promote_min_class_pixels test pixels may lose more than the tolerance.
-    promote_min_gain: float = 0.02
+    promote_min_gain: float = 0.05
     promote_class_tolerance: float = 0.05
     promote_min_class_pixels: int = 500
     clicker_preset: str = "default"  # default | tiny: the click model annotators' key points run through

@@ -137,6 +137,21 @@ def test_round_records_are_complete(flywheel):
     assert flywheel["records"][-1]["auto_accept"]["audits"] == len(audits)
 
 
+def test_the_segmenter_starts_from_the_champion_it_will_meet(flywheel):
+    """round.warm_start: bafpn starts from the champion when the champion is a bafpn; cfa (an anomaly
+    scorer) always starts fresh; the first round has no champion to start from."""
+    records = flywheel["records"]
+    champion = None
+    for rec in records:
+        students = rec["students"]
+        assert students["cfa"]["warm_start"] == ""
+        expected = champion["version"] if champion and champion["student"] == "bafpn" else ""
+        assert students["bafpn"]["warm_start"] == expected
+        if rec["promotion"]["promoted"]:
+            champion = {"version": rec["mlflow"]["model_version"], "student": rec["mlflow"]["student"]}
+    assert any(rec["students"]["bafpn"]["warm_start"] for rec in records)
+
+
 def test_bad_input_is_quarantined_and_the_round_goes_on(flywheel):
     settings = flywheel["settings"]
     rec3 = flywheel["records"][2]
@@ -347,8 +362,14 @@ def _flow_run_processes(settings) -> list:
 
     from loom import stack
 
+    def command(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # gone, or a zombie: exited, not reaped yet
+            return ""
+
     worker = psutil.Process(stack.service_pid(settings, stack.WORKER))
-    return [p for p in worker.children(recursive=True) if "prefect.engine" in " ".join(p.cmdline())]
+    return [p for p in worker.children(recursive=True) if "prefect.engine" in command(p)]
 
 
 def _wait_until_suspended(settings, run_id) -> bool:
