@@ -112,7 +112,7 @@ def load_pending(settings: Settings) -> list[PendingReview]:
     return reviews
 
 
-# A round's progress (annotated, total) and the resume call: Label Studio and Prefect in production.
+# A review's progress, (annotated, total): Label Studio's count unless a caller gives another.
 Progress = Callable[[PendingReview], tuple[int, int]]
 
 
@@ -213,16 +213,17 @@ class ReviewRelay:
         done = annotated >= total
         if not done and not deadline_passed:
             return
-        self._resume(
-            review,
-            ReviewResumed(
-                reason="done" if done else "timeout",
-                trigger=trigger,
-                annotated=max(annotated, 0),
-                total=total,
-                waited_s=round(time.time() - review.registered, 1),
-            ),
+        answer = ReviewResumed(
+            reason="done" if done else "timeout",
+            trigger=trigger,
+            annotated=max(annotated, 0),
+            total=total,
+            waited_s=round(time.time() - review.registered, 1),
         )
+        try:
+            self._resume(review, answer)
+        except Exception:  # Prefect unreachable: the review stays pending for the next trigger or sweep
+            logger.exception("could not resume round %d (flow run %s)", review.round_no, review.flow_run_id)
 
     def _resume(self, review: PendingReview, answer: ReviewResumed) -> None:
         from prefect.client.orchestration import get_client

@@ -102,3 +102,18 @@ def test_loom_status_names_the_suspended_rounds(settings) -> None:
     assert f"flow run {waiting.flow_run_id}) is suspended for review: 3 tasks in project 1" in result.output
     assert "resumed in 30 min at the latest" in result.output
     assert f"flow run {overdue.flow_run_id}) is suspended" in result.output and "overdue" in result.output
+
+
+def test_a_failed_resume_keeps_the_review_for_the_next_try(settings) -> None:
+    class UnreachablePrefect(RecordingRelay):
+        def _resume(self, review: PendingReview, answer: ReviewResumed) -> None:
+            raise ConnectionError("Prefect at 127.0.0.1:4200 refused the connection")
+
+    review = _review(60)
+    save_pending(settings, review)
+    UnreachablePrefect(settings, annotated=3).on_annotation(review.project_id)  # logged, not raised
+    assert load_pending(settings) == [review]
+    retry = RecordingRelay(settings, annotated=3)
+    retry.sweep()
+    assert [run for run, _ in retry.resumed] == [review.flow_run_id]
+    retry.stop()
