@@ -18,8 +18,8 @@ No servers: every arm runs the round's own pieces in one process, on the same da
   trains on human masks + accepted pseudo-labels (tasks.train weights and ignore rule) and is scored on the
   frozen test split (tasks.train.evaluate_on); its masks of the next round's pool give the disagreement;
 - the ``oracle`` arm trains on every pool image's true mask;
-- ``combined-warm`` is ``combined`` with each round's student starting from the arm's previous one
-  (``round.warm_start``; a round starts from the champion) instead of from ImageNet.
+- ``random-warm`` and ``combined-warm`` are those strategies with each round's student starting from the
+  arm's previous one (``round.warm_start``; a round starts from the champion) instead of from ImageNet.
 
 Deviations from a real round, for speed: the teacher is zero-shot (a round adds up to 4 people's normal
 images as references), the disagreement uses the previous round's student (a round uses the champion), and
@@ -47,7 +47,17 @@ from pathlib import Path
 
 import numpy as np
 
-ARMS = ("random", "uncertainty", "disagreement", "diversity", "rarity", "combined", "combined-warm", "oracle")
+ARMS = (
+    "random",
+    "uncertainty",
+    "disagreement",
+    "diversity",
+    "rarity",
+    "combined",
+    "random-warm",
+    "combined-warm",
+    "oracle",
+)
 WARM = "-warm"  # the arm's student starts from its previous round's student (round.warm_start)
 
 
