@@ -18,8 +18,8 @@ No servers: every arm runs the round's own pieces in one process, on the same da
   trains on human masks + accepted pseudo-labels (tasks.train weights and ignore rule) and is scored on the
   frozen test split (tasks.train.evaluate_on); its masks of the next round's pool give the disagreement;
 - the ``oracle`` arm trains on every pool image's true mask;
-- ``random-warm`` and ``combined-warm`` are those strategies with each round's student starting from the
-  arm's previous one (``round.warm_start``; a round starts from the champion) instead of from ImageNet.
+- ``random-warm``, ``combined-warm`` and ``oracle-warm`` are those arms with each round's student starting
+  from the arm's previous one (``round.warm_start``; a round starts from the champion), not from ImageNet.
 
 Deviations from a real round, for speed: the teacher is zero-shot (a round adds up to 4 people's normal
 images as references), the disagreement uses the previous round's student (a round uses the champion), and
@@ -57,6 +57,7 @@ ARMS = (
     "random-warm",
     "combined-warm",
     "oracle",
+    "oracle-warm",
 )
 WARM = "-warm"  # the arm's student starts from its previous round's student (round.warm_start)
 
@@ -186,9 +187,11 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
     defect_id = settings.class_index("defect")
     ids = [item.stem for item in pool]
     model_dir = args.work / "models" / f"seed{seed}" / arm.name / f"round-{round_no:02d}"
-    if arm.name == "oracle":
+    warm_from = arm.student if arm.name.endswith(WARM) else None
+    if arm.strategy == "oracle":
         samples = [(item.image, item.mask, SOURCE_WEIGHTS["human"]) for item in pool]
-        fit_student(settings, "fpn", samples, model_dir)
+        fit_student(settings, "fpn", samples, model_dir, init_from=warm_from)
+        arm.student = model_dir
         metrics = evaluate_on(settings, model_dir, [t.image for t in test], [t.mask for t in test]).metrics
         return base_row(seed, round_no, arm.name, len(pool), len(pool), len(pool), metrics)
 
@@ -235,7 +238,6 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         (pool[i].image, pseudo_training_mask(labeled[i].class_mask, defect_id), SOURCE_WEIGHTS["pseudo"])
         for i in accepted
     ]
-    warm_from = arm.student if arm.name.endswith(WARM) else None
     fit_student(settings, "fpn", samples, model_dir, init_from=warm_from)
     arm.student = model_dir
     metrics = evaluate_on(settings, model_dir, [t.image for t in test], [t.mask for t in test]).metrics
@@ -329,7 +331,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     ]
     lines += ["|---|---|---|---|---|---|"]
     for arm in arms:
-        if arm == "oracle":
+        if arm.startswith("oracle"):
             continue
         for rn in rounds:
             rs = [r for r in rows if r["arm"] == arm and r["round"] == rn]
