@@ -411,14 +411,19 @@ def _iter_tasks(client: LabelStudio, project_id: int, fields: str = "task_only")
     yield from client.tasks.list(project=project_id, fields=fields, page_size=_PAGE_SIZE)
 
 
-def _task_image_ids(client: LabelStudio, project_id: int) -> dict[str, int]:
-    """image_id -> task id of the project's tasks (the first task wins if an image appears twice)."""
-    found: dict[str, int] = {}
+def _tasks_by_image(client: LabelStudio, project_id: int) -> dict[str, Any]:
+    """image_id -> the project's task for it (the first task wins if an image appears twice)."""
+    found: dict[str, Any] = {}
     for task in _iter_tasks(client, project_id):
         image_id = (task.data or {}).get("image_id")
         if image_id is not None:
-            found.setdefault(str(image_id), int(task.id))
+            found.setdefault(str(image_id), task)
     return found
+
+
+def _task_image_ids(client: LabelStudio, project_id: int) -> dict[str, int]:
+    """image_id -> task id of the project's tasks (the first task wins if an image appears twice)."""
+    return {image_id: int(task.id) for image_id, task in _tasks_by_image(client, project_id).items()}
 
 
 def push_tasks(
@@ -464,15 +469,13 @@ def refresh_predictions(
         The image ids whose pre-annotation was replaced.
     """
     client = client or connect(settings)
-    task_ids = _task_image_ids(client, project_id)
+    tasks = _tasks_by_image(client, project_id)  # the listing carries each task's annotation count
     refreshed = []
     for item in items:
-        task_id = task_ids.get(item.image_id)
-        if task_id is None:
+        task = tasks.get(item.image_id)
+        if task is None or (task.total_annotations or 0) > 0:
             continue
-        task = client.tasks.get(id=task_id)
-        if (task.total_annotations or 0) > 0:
-            continue
+        task_id = int(task.id)
         stale = client.predictions.list(task=task_id)
         if not stale or all(p.model_version == item.model_version for p in stale):
             continue  # created by this push, or already today's
