@@ -9,8 +9,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from loom import tracking
+from loom import journal, tracking
 from loom.config import Settings, load_settings
+from loom.journal import RoundJournal
 from loom.plots import curve_points, round_curve
 from tasks.augment import augment, log_generator
 from tasks.clicker import fine_tune_round_clicker
@@ -19,9 +20,9 @@ from tasks.ingest import ingest
 from tasks.pseudo_label import pseudo_label
 from tasks.review import human_review
 from tasks.select import auto_accept, select_for_review
-from tasks.track import Promotion, log_and_promote
+from tasks.track import Promotion, log_and_promote, publish_champion
 from tasks.train import Evaluation, TrainedStudent, evaluate_student, nothing_to_train, train_student
-from tasks.version import next_round_number, version_round
+from tasks.version import claimed_round, version_round
 
 
 @flow(name="flywheel-round")
@@ -33,12 +34,22 @@ def flywheel_round(
     epochs: int | None = None,
 ) -> dict[str, Any]:
     """Ingest new images from ``source`` (optional), label, review, teach the click model, augment, train,
-    evaluate, promote, version."""
+    evaluate, promote, version.
+
+    One round at a time per workspace; a round interrupted (killed, a machine restart) is finished under
+    its own number by the next run, its done steps taken from their results (loom/journal.py).
+    """
     settings = load_settings(
         workspace, review_budget=review_budget, review_timeout_s=review_timeout_s, epochs=epochs
     )
-    round_no = next_round_number(settings)
-    clock = StepClock()
+    with claimed_round(settings) as claimed:
+        return run_round(settings, claimed, source)
+
+
+def run_round(settings: Settings, claimed: RoundJournal, source: str | None) -> dict[str, Any]:
+    """The round's steps, in order, for the round ``claimed`` (held by the caller)."""
+    round_no = claimed.round_no
+    clock = StepClock(settings)
     with clock.step("ingest"):
         ingested = ingest(settings, source, round_no)
     with clock.step("pseudo_label"):
@@ -65,6 +76,7 @@ def flywheel_round(
         "round": round_no,
         "source": str(source) if source else None,
         "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "attempts": {"flow_runs": claimed.flow_runs, "started_at": claimed.started_at},
         "label_studio": {
             "project_id": review.project_id,
             "task_ids": review.task_ids,
@@ -124,6 +136,10 @@ def flywheel_round(
     with clock.step("version"):
         record["step_seconds"] = clock.seconds  # everything but versioning itself
         version = version_round(settings, round_no, record)
+    with clock.step("publish"):
+        if trained:
+            publish_champion(settings, trained.promotion)
+    journal.finish(settings, round_no)
     record["step_seconds"] = clock.seconds
     record["git"] = version
     get_run_logger().info("round %d done: %s", round_no, record["summary"])

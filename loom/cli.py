@@ -68,7 +68,7 @@ def status(workspace: Path = WorkspaceOpt) -> None:
     which rounds are suspended waiting for people."""
     import time
 
-    from loom import stack
+    from loom import journal, stack
     from loom.review_relay import load_pending
 
     settings = load_settings(workspace)
@@ -76,6 +76,12 @@ def status(workspace: Path = WorkspaceOpt) -> None:
     typer.echo(current.table())
     if current["labelstudio"].healthy and current["backend"].healthy:
         typer.echo(stack.backend_connection(settings))
+    in_progress = journal.load(settings)
+    if in_progress is not None:
+        typer.echo(
+            f"round {in_progress.round_no} in progress: reached {in_progress.reached} "
+            f"({in_progress.attempts} flow runs so far; `loom round --resume` finishes it if it was stopped)"
+        )
     for review in load_pending(settings):
         left = review.deadline - time.time()
         when = f"resumed in {left / 60:.0f} min at the latest" if left > 0 else "overdue: is loom backend up?"
@@ -134,14 +140,32 @@ def round_(
     review_budget: int = typer.Option(None, help="Images sent to people this round."),
     review_timeout_s: float = typer.Option(None, help="Seconds to wait for reviews before going on."),
     epochs: int = typer.Option(None, help="Student training epochs."),
+    resume: bool = typer.Option(
+        False, help="Finish the round in progress (interrupted, or suspended for review); fail if none is."
+    ),
 ) -> None:
-    """Run one flywheel round now (against the stack's Prefect server when it is up)."""
-    from loom.runner import run_round
+    """Run one flywheel round now (against the stack's Prefect server when it is up).
+
+    A round that was interrupted is finished first, under its own number, whether or not --resume is given.
+    """
+    from loom.journal import RoundBusy
+    from loom.runner import resume_suspended_round, run_round
 
     settings = load_settings(workspace)
-    record = run_round(
-        settings, source=source, review_budget=review_budget, review_timeout_s=review_timeout_s, epochs=epochs
-    )
+    try:
+        if resume and resume_suspended_round(settings):
+            typer.echo("the round suspended for review was resumed: the worker finishes it (`loom status`)")
+            return
+        record = run_round(
+            settings,
+            source=source,
+            review_budget=review_budget,
+            review_timeout_s=review_timeout_s,
+            epochs=epochs,
+        )
+    except RoundBusy as err:
+        typer.echo(f"round not started: {err}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"round {record['round']}: {record['summary']} (tag {record['git']['tag']})")
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from loom.config import Settings
 
@@ -43,6 +44,33 @@ def run_round(settings: Settings, **params: Any) -> dict[str, Any]:
     with prefect_api(settings):
         clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()}
         return flywheel_round(workspace=str(settings.workspace), **clean)
+
+
+def resume_suspended_round(settings: Settings) -> bool:
+    """For ``loom round --resume``: resume the round in progress through Prefect if it is suspended for
+    review (True; the worker finishes it), False when it was interrupted (the caller runs it again here).
+
+    Raises:
+        RoundBusy: no round is in progress, so there is nothing to resume.
+    """
+    from prefect.flow_runs import resume_flow_run
+
+    from loom import journal
+    from loom.review_relay import ReviewResumed, drop_pending
+    from tasks.version import suspended_run
+
+    current = journal.load(settings)
+    if current is None:
+        raise journal.RoundBusy(f"no round is in progress in {settings.workspace}: nothing to resume")
+    with prefect_api(settings):
+        waiting = suspended_run(settings)
+        if waiting is None:
+            log.info("round %d was interrupted at %s: finishing it here", current.round_no, current.reached)
+            return False
+        resume_flow_run(UUID(waiting), run_input=ReviewResumed(reason="manual", trigger="cli").model_dump())
+    drop_pending(settings, waiting)
+    log.info("round %d (flow run %s) resumed: the worker finishes it", current.round_no, waiting)
+    return True
 
 
 def run_task(task: Any, *args: Any) -> Any:
@@ -108,6 +136,7 @@ def teacher_predict_paths(
     """
     from loom import manifest
     from loom.predict import write_predictions
+    from loom.progress import track
     from loom.teachers import build_prototypes, build_teacher, label_images
     from tasks.pseudo_label import human_references
 
@@ -127,7 +156,9 @@ def teacher_predict_paths(
     labeled = label_images(settings, teacher, images, normal_images, prototypes)
     results = (
         (stem, item.prediction.anomaly_map, item.class_mask, item.prediction.score, image)
-        for stem, item, image in zip(stems, labeled, images, strict=True)
+        for stem, item, image in track(
+            zip(stems, labeled, images, strict=True), "pseudo-label writing", len(stems)
+        )
     )
     folder = write_predictions(out, results, settings.classes, image_threshold=teacher.image_threshold)
     return folder, why

@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from loom.config import Settings
+from loom.journal import kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def log_round(
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
+    kill_point("mlflow:registered")
     for key, value in {"loom.round": str(round_no), **(version_tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)
     logger.info(
@@ -214,6 +216,37 @@ def logged_version(
     latest = max(found, key=lambda v: int(v.version))
     experiment_id = client.get_run(latest.run_id).info.experiment_id
     return RoundRun(run_id=latest.run_id, model_version=str(latest.version), experiment_id=experiment_id)
+
+
+def recover_run(
+    settings: Settings, tags: Mapping[str, str], registered: str | None = None
+) -> RoundRun | None:
+    """What an interrupted :func:`log_round` left with run tags ``tags``: a run whose model version was
+    registered is finished (version tags set, run marked done) and returned; runs without a version are
+    deleted. None when nothing usable was left.
+    """
+    client = _connect(settings)
+    name = registered or settings.registered_model
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    kept: RoundRun | None = None
+    for run in client.search_runs([experiment.experiment_id], filter_string=query):
+        versions = client.search_model_versions(f"run_id='{run.info.run_id}'")
+        ours = [v for v in versions if v.name == name]
+        if ours and kept is None:
+            version = str(ours[0].version)
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            if run.info.status != "FINISHED":
+                client.set_terminated(run.info.run_id, "FINISHED")
+            kept = RoundRun(run.info.run_id, version, experiment.experiment_id)
+            logger.warning("recovered run %s (version %s) of an interrupted try", run.info.run_id, version)
+        else:
+            client.delete_run(run.info.run_id)
+            logger.warning("deleted run %s left half-logged by an interrupted try", run.info.run_id)
+    return kept
 
 
 def version_tags(settings: Settings, version: str, registered: str | None = None) -> dict[str, str]:
@@ -296,6 +329,7 @@ def decide_champion(
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
     challenger: bool = False,
+    publish: bool = True,
 ) -> bool:
     """Record on ``version`` a decision the caller took (having measured both models in the same run):
     the ``champion`` alias when ``promoted``, the tags ``promoted`` and ``promotion_reason`` either way.
@@ -304,6 +338,8 @@ def decide_champion(
         tags: more tags of the decision (``loom.promotion.*``), set on the version and on ``run_id``.
         run_id: the run that logged ``version``, to carry the same tags.
         challenger: also give ``version`` the ``challenger`` alias (the round's best, promoted or not).
+        publish: move the ``champion`` alias now; a round passes False and calls :func:`set_champion`
+            once its data is versioned, so no champion ever comes from an unversioned round.
     """
     return _record_decision(
         _connect(settings),
@@ -314,7 +350,15 @@ def decide_champion(
         tags=tags,
         run_id=run_id,
         challenger=challenger,
+        publish=publish,
     )
+
+
+def set_champion(settings: Settings, version: str, registered: str | None = None) -> None:
+    """Give ``version`` the ``champion`` alias (idempotent: setting it again changes nothing)."""
+    name = registered or settings.registered_model
+    _connect(settings).set_registered_model_alias(name, CHAMPION_ALIAS, str(version))
+    logger.info("%s version %s is the champion", name, version)
 
 
 def _record_decision(
@@ -326,6 +370,7 @@ def _record_decision(
     tags: Mapping[str, str] | None = None,
     run_id: str | None = None,
     challenger: bool = False,
+    publish: bool = True,
 ) -> bool:
     # Tags first, aliases last: a task that fails in between and is retried finds the decision in the tags
     # and repeats it (setting an alias to the version that holds it changes nothing). The caller's tags go
@@ -338,7 +383,7 @@ def _record_decision(
             client.set_tag(run_id, key, value)
     if challenger:
         client.set_registered_model_alias(name, CHALLENGER_ALIAS, version)
-    if promoted:
+    if promoted and publish:
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     logger.info("%s version %s %s: %s", name, version, "promoted" if promoted else "not promoted", reason)
     return promoted

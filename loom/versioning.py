@@ -28,13 +28,14 @@ from pathlib import Path
 import yaml
 
 from loom.config import Settings
+from loom.journal import kill_point
 
 logger = logging.getLogger(__name__)
 
 DATA_DVC = "data.dvc"
 BRANCH = "main"
 REMOTE_NAME = "local"
-GITIGNORE_LINES = ("stack/", "dvc-remote/", "*.log")
+GITIGNORE_LINES = ("stack/", "dvc-remote/", "*.log", "rounds/in-progress.json")
 # Variables that would point git at another repository than the workspace's.
 _GIT_REDIRECTS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR")
 
@@ -103,6 +104,12 @@ def _head(settings: Settings) -> str | None:
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
+def _subject(settings: Settings) -> str:
+    """The subject line of HEAD's commit ("" in a repository without commits)."""
+    probe = _git(settings, "log", "-1", "--format=%s", check=False)
+    return probe.stdout.strip() if probe.returncode == 0 else ""
+
+
 def _has_staged_changes(settings: Settings) -> bool:
     return _git(settings, "diff", "--cached", "--quiet", check=False).returncode != 0
 
@@ -112,11 +119,18 @@ def _tag_commit(settings: Settings, tag: str) -> str | None:
     return probe.stdout.strip() if probe.returncode == 0 else None
 
 
+def round_tags(settings: Settings) -> list[str]:
+    """The workspace's round tags (``round-NNNN``), sorted; empty without a repository."""
+    if not (settings.workspace / ".git").is_dir():
+        return []
+    return sorted(_git(settings, "tag", "--list", "round-*").stdout.split())
+
+
 def file_at_tag(settings: Settings, tag: str, path: str) -> str:
     """The text of ``path`` (relative to the workspace) as committed under ``tag``."""
     shown = _git(settings, "show", f"refs/tags/{tag}:{path}", check=False)
     if shown.returncode != 0:
-        known = _git(settings, "tag", "--list", "round-*").stdout.split()
+        known = round_tags(settings)
         raise VersioningError(
             f"workspace {settings.workspace} has no {path} at tag {tag}; "
             f"versioned rounds: {', '.join(known) or 'none yet'}"
@@ -185,11 +199,13 @@ def version_round(
     message: str = "",
     force: bool = False,
 ) -> RoundVersion:
-    """``dvc add data``, commit it with the round's files, tag ``round-NNNN`` and ``dvc push``.
+    """``dvc add data``, commit it with the round's files, ``dvc push``, tag ``round-NNNN``.
 
     A round's tag is never moved silently: if it exists, this raises unless ``force=True`` (which re-points
     it at the new commit). A retry after a failed push is recognised (the tag is on HEAD and nothing changed
-    since) and only pushes again.
+    since) and only pushes again. The data is pushed before the tag is made, so a tag never names data the
+    remote lacks; a rerun after a kill between commit and tag amends the round's commit instead of adding
+    a second one.
 
     Args:
         round_no: the round number; the tag is ``round-NNNN``.
@@ -219,6 +235,8 @@ def version_round(
 
     _dvc(settings, "add", "--quiet", settings.data_dir.name)
     _git(settings, "add", DATA_DVC, ".gitignore", *relative)
+    kill_point("version:added")
+    prefix = f"round {round_no:04d}"
     if tagged is not None and not force:
         if _has_staged_changes(settings):
             raise VersioningError(
@@ -227,11 +245,18 @@ def version_round(
             )
         logger.info("%s already committed; pushing its data again", tag)
     else:
-        prefix = f"round {round_no:04d}"
         subject = message if message.startswith(prefix) else f"{prefix}: {message or 'data'}"
-        _git(settings, "commit", "--quiet", "--allow-empty", "-m", subject)
-        _git(settings, "tag", *(["--force"] if force else []), "-a", tag, "-m", subject)
+        # A rerun after a kill between commit and tag amends that commit: one commit per round.
+        again = tagged is None and _subject(settings).startswith(prefix + ":")
+        if again:
+            logger.info("round %04d was committed, not tagged (interrupted): amending its commit", round_no)
+        _git(settings, "commit", "--quiet", "--allow-empty", *(["--amend"] if again else []), "-m", subject)
+    kill_point("version:committed")
+    # Push before tagging: a round's tag never names data the remote lacks.
     pushed = _parse_pushed(_dvc(settings, "push"))
+    kill_point("version:pushed")
+    if tagged is None or force:
+        _git(settings, "tag", *(["--force"] if force else []), "-a", tag, "-m", _subject(settings))
     version = RoundVersion(
         tag=tag, commit=_head(settings) or "", data_md5=_recorded_md5(settings) or "", pushed=pushed
     )
@@ -342,7 +367,7 @@ def checkout_round(settings: Settings, tag: str, force: bool = False) -> None:
     Unversioned changes stop the checkout unless ``force=True``.
     """
     if _tag_commit(settings, tag) is None:
-        known = _git(settings, "tag", "--list", "round-*").stdout.split()
+        known = round_tags(settings)
         raise VersioningError(
             f"no tag {tag} in workspace {settings.workspace}; "
             f"versioned rounds: {', '.join(known) or 'none yet'}"

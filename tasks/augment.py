@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom import manifest, tracking
 from loom.augment import (
@@ -30,6 +29,7 @@ from loom.augment import (
 )
 from loom.config import Settings
 from tasks.common import (
+    ONCE_PER_ROUND,
     class_names,
     human_labeled,
     image_of,
@@ -117,7 +117,7 @@ def teacher_scorer(settings: Settings, normals: list[np.ndarray], references: in
     return anomaly_map
 
 
-@task(name="augment", cache_policy=NO_CACHE)
+@task(name="augment", cache_policy=ONCE_PER_ROUND, persist_result=True)
 def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     """Generate ``round.synthetic_per_round`` pairs over the labeled classes (most for the rarest)."""
     log = task_logger()
@@ -207,7 +207,13 @@ def augment(settings: Settings, round_no: int) -> AugmentOutcome:
     )
 
 
-@task(name="log-defect-gen", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="log-defect-gen",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=ONCE_PER_ROUND,
+    persist_result=True,
+)
 def log_generator(settings: Settings, round_no: int, outcome: AugmentOutcome) -> str | None:
     """Register a newly trained Defect-Gen model as ``loom-defect-gen`` with a grid of its samples.
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom import tracking
 from loom.clicking import (
@@ -32,7 +31,7 @@ from loom.config import Settings
 from loom.imageio import read_mask
 from models.clicker import ClickPredictor, NocObject, Segmenter, evaluate_noc, split_objects
 from models.clicker.noc import STARTS
-from tasks.common import human_labeled, image_of, pseudo_mask_path, task_logger
+from tasks.common import human_labeled, image_of, once_per_round, pseudo_mask_path, task_logger
 
 #: Test objects the gate measures at most (spread over the split; the NoC of 40 objects is stable to ~0.2).
 GATE_OBJECTS = 40
@@ -152,7 +151,11 @@ def gate_noc(segment: Segmenter, objects: list[NocObject]) -> dict[str, float]:
     return out
 
 
-@task(name="fine-tune-clicker", cache_policy=NO_CACHE)
+@task(
+    name="fine-tune-clicker",
+    cache_policy=once_per_round("round_no", "suffix"),
+    persist_result=True,
+)
 def fine_tune_round_clicker(settings: Settings, round_no: int, suffix: str = "") -> ClickerRound:
     """Fine-tune, measure beside the current clicker, register, promote when NoC@85 falls.
 

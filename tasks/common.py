@@ -6,18 +6,48 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect.cache_policies import RUN_ID, TASK_SOURCE
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
 
-from loom import manifest
+from loom import journal, manifest
 from loom.config import Settings
 from loom.imageio import read_image, read_mask
 
-#: The steps before the review run once per flow run: a round resumed after its suspended review is run
-#: again from the top by the worker, and these come back from their persisted results.
-ONCE_PER_RUN = RUN_ID + TASK_SOURCE
+
+@dataclass
+class RoundStepPolicy(CachePolicy):
+    """Cache key: the claim of the workspace's round in progress, the task and the inputs named in ``by``.
+
+    A round's steps run once per round, not once per flow run: a round resumed after its suspended review
+    (run again from the top by the worker) and a round rerun after a kill (a new flow run) find the steps
+    already done in their persisted results. Outside a claimed round nothing is cached.
+    """
+
+    by: tuple[str, ...] = ()
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        settings = inputs.get("settings")
+        current = journal.load(settings) if isinstance(settings, Settings) else None
+        if current is None:
+            return None
+        return hash_objects(current.claim, task_ctx.task.name, *(str(inputs.get(k)) for k in self.by))
+
+
+#: Persist the result (``persist_result=True``) beside this policy.
+ONCE_PER_ROUND = RoundStepPolicy() + TASK_SOURCE
+
+
+def once_per_round(*by: str) -> CachePolicy:
+    """:data:`ONCE_PER_ROUND` for a task called several times a round, told apart by the inputs ``by``."""
+    return RoundStepPolicy(by=by) + TASK_SOURCE
 
 
 def load_manifest(settings: Settings) -> pd.DataFrame:
@@ -80,15 +110,21 @@ def task_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class StepClock:
-    """Wall time per step, for the round record and BENCHMARKS.md."""
+    """Wall time per step, for the round record and BENCHMARKS.md; with ``settings``, each step's start and
+    end are also noted in the round's journal (:mod:`loom.journal`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.settings = settings
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        if self.settings is not None:
+            journal.mark(self.settings, name, "start")
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = round(time.perf_counter() - start, 3)
+        if self.settings is not None:
+            journal.mark(self.settings, name, "done")

@@ -8,10 +8,10 @@ from prefect import task
 
 from loom.config import Settings
 from loom.ingest import IngestReport, ingest_folder
-from tasks.common import ONCE_PER_RUN
+from tasks.common import ONCE_PER_ROUND
 
 
-@task(name="ingest", cache_policy=ONCE_PER_RUN, persist_result=True)
+@task(name="ingest", cache_policy=ONCE_PER_ROUND, persist_result=True)
 def ingest(settings: Settings, source: str | None, round_no: int) -> IngestReport | None:
     """Copy new images from ``source`` into ``data/``; bad files are quarantined with a reason, never lost."""
     if not source:

@@ -18,7 +18,7 @@ from loom.config import Settings
 from loom.predict import write_predictions
 from loom.teachers import LabeledImage, build_prototypes, build_teacher, label_images
 from tasks.common import (
-    ONCE_PER_RUN,
+    ONCE_PER_ROUND,
     class_names,
     human_mask_of,
     image_of,
@@ -91,10 +91,10 @@ def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.nda
     if champion(settings) is None:
         return None
     model = load_student(download_student(settings, "champion"))
-    return [mask for _, mask, _ in predict_images(model, images)]
+    return [mask for _, mask, _ in predict_images(model, images, progress_as="champion predict")]
 
 
-@task(name="pseudo-label", cache_policy=ONCE_PER_RUN, persist_result=True)
+@task(name="pseudo-label", cache_policy=ONCE_PER_ROUND, persist_result=True)
 def pseudo_label(settings: Settings, round_no: int) -> PseudoLabels:
     """Label every usable train image people have not labeled; update score/uncertainty in the manifest."""
     log = task_logger()

@@ -26,7 +26,7 @@ from loom.imageio import read_mask, write_mask
 from loom.review_relay import PendingReview, ReviewResumed, drop_pending
 from models.teacher.types import anomaly_probability
 from tasks.common import (
-    ONCE_PER_RUN,
+    ONCE_PER_ROUND,
     StepClock,
     class_names,
     human_mask_of,
@@ -93,7 +93,7 @@ def defect_probability(score: float, image_threshold: float) -> float:
     name="push-to-label-studio",
     retries=2,
     retry_delay_seconds=5,
-    cache_policy=ONCE_PER_RUN,
+    cache_policy=ONCE_PER_ROUND,
     persist_result=True,
 )
 def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selection) -> Pushed:
@@ -229,7 +229,13 @@ def _register_with_relay(settings: Settings, pushed: Pushed, round_no: int) -> s
     return ""
 
 
-@task(name="pull-corrections", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="pull-corrections",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=ONCE_PER_ROUND,
+    persist_result=True,
+)
 def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
     """Turn the latest annotation of each task into a human class mask; a malformed one is set aside."""
     log = task_logger()

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom import calibration, manifest, selection
 from loom.config import Settings
 from loom.embeddings import cached_embeddings
 from loom.imageio import read_mask
 from tasks.common import (
-    ONCE_PER_RUN,
+    ONCE_PER_ROUND,
     human_mask_of,
     image_of,
     load_manifest,
@@ -104,7 +103,7 @@ def answered(audits: pd.DataFrame) -> pd.DataFrame:
     return audits[audits["wrong"].notna()]
 
 
-@task(name="select-for-review", cache_policy=ONCE_PER_RUN, persist_result=True)
+@task(name="select-for-review", cache_policy=ONCE_PER_ROUND, persist_result=True)
 def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     """Queue the round's reviews: what is still queued, a random audit, then the strategy's picks.
 
@@ -164,7 +163,7 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
     return sel
 
 
-@task(name="auto-accept", cache_policy=NO_CACHE)
+@task(name="auto-accept", cache_policy=ONCE_PER_ROUND, persist_result=True)
 def auto_accept(settings: Settings, labels: PseudoLabels) -> AutoAccept:
     """Record what people said of the audited images they reviewed (this round's and any left queued from
     earlier ones), then auto-accept the open pseudo-labels that the calibration on every answered audit

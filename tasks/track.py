@@ -114,8 +114,8 @@ def log_and_promote(
         tags={COMPARED_WITH_TAG: compared_with or "", **decision.to_tags()},  # `promoted` stays last
         run_id=challenger.run_id,
         challenger=True,
+        publish=False,  # the alias moves once the round is versioned: publish_champion
     )
-    current = tracking.champion(settings)
     log.info(
         "round %d: challenger %s (version %s) %s: %s",
         round_no,
@@ -128,7 +128,7 @@ def log_and_promote(
         student=students[best].name,
         run_id=challenger.run_id,
         model_version=challenger.model_version,
-        champion_version=current[0] if current else None,
+        champion_version=challenger.model_version if decision.promoted else compared_with,
         runs={
             s.name: {"run_id": r.run_id, "model_version": r.model_version}
             for s, r in zip(students, runs, strict=True)
@@ -138,15 +138,31 @@ def log_and_promote(
     )
 
 
+@task(name="publish-champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish_champion(settings: Settings, promotion: Promotion) -> None:
+    """Move the ``champion`` alias to the round's challenger if the gate promoted it; the round calls this
+    once its data is versioned, so the champion always comes from a versioned round. Idempotent."""
+    if promotion.promoted:
+        tracking.set_champion(settings, promotion.model_version)
+
+
 def _log_student(
     settings: Settings, round_no: int, student: TrainedStudent, evaluation: Evaluation, params: dict
 ) -> tracking.RoundRun:
-    """Log one student as a run and a registered version, unless an earlier try of this task did."""
+    """Log one student as a run and a registered version, unless an earlier try of this task did.
+
+    An earlier try killed half-way left a run without its version (or a version without its tags):
+    :func:`tracking.recover_run` finishes the one it can use and deletes the others, so a round has one
+    run and one version per student however often it was interrupted.
+    """
     weights = sha256_file(Path(student.model_dir) / tracking.STUDENT_FILES[1])
     key = {"loom.student": student.name, "loom.weights_sha256": weights}
     logged = tracking.logged_version(settings, {"loom.round": str(round_no), **key})
     if logged is not None:
         return logged
+    recovered = tracking.recover_run(settings, {"loom.round": str(round_no), **key})
+    if recovered is not None:
+        return recovered
     return tracking.log_round(
         settings,
         round_no,
@@ -159,7 +175,7 @@ def _log_student(
         },
         model_dir=Path(student.model_dir),
         images=evaluation.overlays,
-        tags={"round": f"{round_no:04d}", "loom.student": student.name},
+        tags={"round": f"{round_no:04d}", **key},
         run_name=f"round-{round_no:04d}-{student.name}",
         version_tags=key,
     )
@@ -199,7 +215,7 @@ def champion_stats(settings: Settings, version: str) -> ModelStats:
             f"against it: {err}"
         ) from err
     images, masks, names = frozen_test_split(settings)
-    outputs = predict_images(model, images)
+    outputs = predict_images(model, images, progress_as="evaluate champion")
     return promotion.image_stats(
         [pred for _, pred, _ in outputs],
         [anomaly_map for anomaly_map, _, _ in outputs],

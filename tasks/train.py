@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from loom import manifest, promotion
 from loom.config import Settings
@@ -43,6 +42,7 @@ from tasks.common import (
     human_mask_of,
     image_of,
     load_manifest,
+    once_per_round,
     presumed_normals,
     pseudo_mask_path,
     task_logger,
@@ -166,7 +166,7 @@ def student_samples(
     return samples, n_human, n_pseudo, n_synthetic
 
 
-@task(name="train-student", cache_policy=NO_CACHE)
+@task(name="train-student", cache_policy=once_per_round("name"), persist_result=True)
 def train_student(
     settings: Settings, round_no: int, name: str | None = None, teacher_threshold: float | None = None
 ) -> TrainedStudent:
@@ -244,12 +244,16 @@ def fit_student(
             epochs=epochs, batch_size=rp.batch_size, lr=rp.lr, image_size=rp.image_size, seed=rp.seed
         )
         samples_set = SegmentationSamples(samples, image_size=rp.image_size)
-        history = train_segmenter(model, samples_set, config, on_epoch=on_epoch, loss_fn=loss_fn)
+        history = train_segmenter(
+            model, samples_set, config, on_epoch=on_epoch, loss_fn=loss_fn, description=f"train {name}"
+        )
     else:
         config = AnomalyTrainConfig(
             epochs=epochs, batch_size=rp.batch_size, image_size=rp.image_size, seed=rp.seed
         )
-        history = train_anomaly_model(model, loss_fn, samples, config, on_epoch=on_epoch)
+        history = train_anomaly_model(
+            model, loss_fn, samples, config, on_epoch=on_epoch, description=f"train {name}"
+        )
     seconds = time.perf_counter() - start
     model.save_pretrained(
         model_dir, metadata={"classes": list(settings.classes), "student": name, **(metadata or {})}
@@ -264,7 +268,7 @@ def folder_samples(settings: Settings, data: Path) -> list:
     return [(item.image, item.mask, SOURCE_WEIGHTS["human"]) for item in items]
 
 
-@task(name="evaluate-student", cache_policy=NO_CACHE)
+@task(name="evaluate-student", cache_policy=once_per_round("student"), persist_result=True)
 def evaluate_student(settings: Settings, student: TrainedStudent, n_overlays: int = 6) -> Evaluation:
     """Metrics on the frozen, human-verified test split (never trained on)."""
     images, masks, names = frozen_test_split(settings)
@@ -297,7 +301,7 @@ def evaluate_on(
     per-image statistics the promotion gate needs (images named by `names`)."""
     model = load_student(model_dir)
     start = time.perf_counter()
-    outputs = predict_images(model, images)
+    outputs = predict_images(model, images, progress_as="evaluate")
     seconds = time.perf_counter() - start
     maps = [m for m, _, _ in outputs]
     preds = [p for _, p, _ in outputs]

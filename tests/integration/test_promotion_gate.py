@@ -22,7 +22,7 @@ from loom.imageio import write_mask, write_png
 from loom.ingest import ingest_folder
 from models.student.registry import build_student, load_student
 from models.student.training import predict_images
-from tasks.track import Promotion, log_and_promote
+from tasks.track import Promotion, log_and_promote, publish_champion
 from tasks.train import (
     Evaluation,
     TrainedStudent,
@@ -204,6 +204,9 @@ def rounds(
         promotions[round_no] = log_and_promote.fn(
             settings, round_no, [student], [evaluations[round_no]], asdict(settings.round)
         )
+        if round_no == 2:  # the decision is recorded; the champion moves only once the round is versioned
+            assert promotions[2].promoted and alias(settings, tracking.CHAMPION_ALIAS) == "1"
+        publish_champion.fn(settings, promotions[round_no])
     return Rounds(settings, promotions, by_round, evaluations)
 
 
