@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from loom.imageio import ImageReadError, read_image, write_mask, write_png
+from loom.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,8 @@ def predict_paths(
         out_dir: output folder.
         classes: class names (mask value k is ``classes[k - 1]``); default: those stored with the model.
         overlays: also write overlay PNGs.
-        on_progress: called with the number of images done (read or skipped) after each one, e.g. to
-            advance a progress bar.
+        on_progress: called with the number of images done (read or skipped) after each one, besides the
+            progress shown as ``predict`` (loom/progress.py).
     """
     # Imported here so that writing predictions (e.g. from the teacher) does not load the student code.
     from models.student.checkpoint import read_model_metadata
@@ -211,6 +212,12 @@ def predict_paths(
         )
     threshold = image_threshold_of(model_dir)
     errors: list[tuple[str, str]] = []
+    shown = progress("predict", len(paths))
+
+    def one_done(done: int) -> None:
+        shown.advance()
+        if on_progress is not None:
+            on_progress(done)
 
     def results() -> Iterator[PredictionResult]:
         # Images are read and predicted a few at a time: batches for speed, bounded memory for big folders.
@@ -226,17 +233,16 @@ def predict_paths(
                     logger.warning("%s (skipped)", err)
                     errors.append((stem, str(err)))
                     done += 1
-                    if on_progress is not None:
-                        on_progress(done)
+                    one_done(done)
             for stem, image, (anomaly_map, mask, score) in zip(
                 stems, images, predict_images(model, images), strict=True
             ):
                 yield stem, anomaly_map, mask, score, image if overlays else None
                 done += 1  # the yield has returned: this image's files are written
-                if on_progress is not None:
-                    on_progress(done)
+                one_done(done)
 
-    write_predictions(out_dir, results(), classes, threshold, errors=errors)
+    with shown:
+        write_predictions(out_dir, results(), classes, threshold, errors=errors)
     logger.info(
         "predictions for %d images in %s (%d unreadable)", len(paths) - len(errors), out_dir, len(errors)
     )

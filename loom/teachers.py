@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from loom.config import Settings
+from loom.progress import track
 from models.teacher.naming import RegionName, RegionPrototypes, name_regions
 from models.teacher.types import Teacher, TeacherPrediction
 
@@ -126,7 +127,11 @@ def label_images(
     normals: Sequence[np.ndarray] = (),
     prototypes: RegionPrototypes | None = None,
 ) -> list[LabeledImage]:
-    """Fit `teacher` on the pool (and normals), predict the pool and name every region."""
+    """Fit `teacher` on the pool (and normals), predict the pool and name every region.
+
+    Each pass over the pool reports its progress (``teacher features``, ``teacher scoring``, ...; see
+    loom/progress.py): on a pool of line-scan frames the whole takes tens of minutes.
+    """
     teacher.fit(pool, normals)
     labeled = name_predictions(settings, teacher, pool, teacher.predict(pool), prototypes)
     named = sum(region.source != "none" for item in labeled for region in item.regions)
@@ -146,7 +151,8 @@ def name_predictions(
     defect_index = settings.class_index("defect")
     prob_ids = [settings.class_index(name) for name in teacher.class_names]
     labeled = []
-    for image, prediction in zip(images, predictions, strict=True):
+    pairs = zip(images, predictions, strict=True)
+    for image, prediction in track(pairs, "teacher naming regions", len(predictions)):
         class_mask, regions = name_regions(
             image, prediction.mask, defect_index, prediction.class_probs, prob_ids, prototypes
         )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from loom.progress import progress
 from models.defect_gen.data import count_components
 from models.defect_gen.pipeline import DefectGenPipeline, region_box
 
@@ -168,36 +169,40 @@ def generate_on_normals(
     report = GenerationReport()
     pairs: list[tuple[np.ndarray, np.ndarray]] = []
     started = time.perf_counter()
-    while len(pairs) < n and report.generated < max_attempts:
-        batch = min(config.batch_size_sample, max_attempts - report.generated)
-        picks = rng.integers(0, len(normals), batch)
-        corners = [random_crop_corner(normals[i].shape[:2], size, rng) for i in picks]
-        crops = np.stack(
-            [
-                normals[i][top : top + size, left : left + size]
-                for i, (top, left) in zip(picks, corners, strict=True)
-            ]
-        )
-        images, masks = pipeline.inpaint(crops, [class_id] * batch, generator)
-        report.generated += batch
-        for i, (top, left), image, mask in zip(picks, corners, images, masks, strict=True):
-            reason = rejection_reason(mask[box[0] : box[1], box[0] : box[1]], class_id, limit, rules)
-            full = (
-                place(normals[i], image, mask, top, left, box, config.paste_margin)
-                if reason is None
-                else None
+    # Counted in accepted pairs, the unit asked for; the note says how many samples that took so far.
+    shown = progress(f"defect-gen {pipeline.class_names[class_id - 1]}", n, "pairs")
+    with shown:
+        while len(pairs) < n and report.generated < max_attempts:
+            batch = min(config.batch_size_sample, max_attempts - report.generated)
+            picks = rng.integers(0, len(normals), batch)
+            corners = [random_crop_corner(normals[i].shape[:2], size, rng) for i in picks]
+            crops = np.stack(
+                [
+                    normals[i][top : top + size, left : left + size]
+                    for i, (top, left) in zip(picks, corners, strict=True)
+                ]
             )
-            if (
-                full is not None
-                and scorer is not None
-                and unseen_by(scorer(full[0]), full[1], rules.unseen_mads)
-            ):
-                reason = "unseen"
-            if reason is not None:
-                report.counts[reason] += 1
-                continue
-            if len(pairs) < n:
-                pairs.append(full)
-                report.counts["accepted"] += 1
+            images, masks = pipeline.inpaint(crops, [class_id] * batch, generator)
+            report.generated += batch
+            for i, (top, left), image, mask in zip(picks, corners, images, masks, strict=True):
+                reason = rejection_reason(mask[box[0] : box[1], box[0] : box[1]], class_id, limit, rules)
+                full = (
+                    place(normals[i], image, mask, top, left, box, config.paste_margin)
+                    if reason is None
+                    else None
+                )
+                if (
+                    full is not None
+                    and scorer is not None
+                    and unseen_by(scorer(full[0]), full[1], rules.unseen_mads)
+                ):
+                    reason = "unseen"
+                if reason is not None:
+                    report.counts[reason] += 1
+                    continue
+                if len(pairs) < n:
+                    pairs.append(full)
+                    report.counts["accepted"] += 1
+            shown.set_completed(len(pairs), note=f"{report.generated} sampled")
     report.seconds = time.perf_counter() - started
     return pairs, report

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from loom.progress import progress
 from models.defect_gen.config import DefectGenConfig
 from models.defect_gen.data import DefectCrops, random_patches
 from models.defect_gen.pipeline import DefectGenPipeline, autocast
@@ -110,39 +111,42 @@ def train_denoiser(
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     running: list[float] = []
-    for step in range(total):
-        x0, labels = crops.batch(config.batch_size, generator)
-        if which == SMALL:
-            x0 = random_patches(x0, config.patch_size, generator)
-        timesteps = torch.randint(low, high, (len(x0),), generator=generator).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        loss = denoising_loss(unet, scheduler, x0, labels, timesteps, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        running.append(loss.item())
-        seconds = time.perf_counter() - started
-        over_time = max_seconds is not None and seconds > max_seconds
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == total or over_time:
-            entry = {"step": float(step + 1), "loss": float(np.mean(running)), "seconds": seconds}
-            if over_time and step + 1 < total:
-                entry["stopped_early"] = 1.0
-            history.append(entry)
-            running = []
-            if on_log is not None:
-                on_log(entry)
-            logger.info("defect-gen %s step %d/%d loss %.4f", which, step + 1, total, entry["loss"])
-        if over_time:
-            logger.warning(
-                "defect-gen %s stopped at step %d/%d: its %.0f s of training time reached",
-                which,
-                step + 1,
-                total,
-                max_seconds,
-            )
-            break
+    shown = progress(f"train defect-gen {which}", total, "steps")
+    with shown:
+        for step in range(total):
+            x0, labels = crops.batch(config.batch_size, generator)
+            if which == SMALL:
+                x0 = random_patches(x0, config.patch_size, generator)
+            timesteps = torch.randint(low, high, (len(x0),), generator=generator).to(device)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            loss = denoising_loss(unet, scheduler, x0, labels, timesteps, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_schedule.step()
+            running.append(loss.item())
+            shown.advance(note=f"loss {running[-1]:.4f}")
+            seconds = time.perf_counter() - started
+            over_time = max_seconds is not None and seconds > max_seconds
+            if (step + 1) % LOG_EVERY == 0 or step + 1 == total or over_time:
+                entry = {"step": float(step + 1), "loss": float(np.mean(running)), "seconds": seconds}
+                if over_time and step + 1 < total:
+                    entry["stopped_early"] = 1.0
+                history.append(entry)
+                running = []
+                if on_log is not None:
+                    on_log(entry)
+                logger.info("defect-gen %s step %d/%d loss %.4f", which, step + 1, total, entry["loss"])
+            if over_time:
+                logger.warning(
+                    "defect-gen %s stopped at step %d/%d: its %.0f s of training time reached",
+                    which,
+                    step + 1,
+                    total,
+                    max_seconds,
+                )
+                break
     unet.eval()
     return history
 

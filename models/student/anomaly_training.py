@@ -32,12 +32,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loom.progress import progress
 from models.student.training import (
     LoopConfig,
     Sample,
     SegmentationSamples,
     cosine_schedule,
     defect_oversampler,
+    epoch_note,
     finish_epoch,
     has_defect,
     recalibrate_batch_norm,
@@ -110,6 +112,7 @@ def train_anomaly_model(
     samples: Sequence[Sample],
     config: AnomalyTrainConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    description: str | None = None,
 ) -> list[dict[str, float]]:
     """Train an anomaly-scoring student in place, then calibrate it (see the module docstring).
 
@@ -120,6 +123,7 @@ def train_anomaly_model(
             them (for distilling segmenters) is ignored.
         config: optimisation settings.
         on_epoch: called after each epoch with (epoch index, that epoch's history entry).
+        description: what the progress of the steps is called (default ``train <model class>``).
 
     Returns:
         One dict per epoch: ``epoch``, ``loss`` (mean over batches), ``seconds``, ``images_per_s``, ``lr``.
@@ -155,18 +159,21 @@ def train_anomaly_model(
     scheduler = cosine_schedule(optimizer, total_steps)
     history: list[dict[str, float]] = []
     model.train()
-    for epoch in range(config.epochs):
-        started, losses, seen = time.perf_counter(), [], 0
-        for images, masks, weights in loader:
-            images, masks, weights = images.to(device), masks.to(device), weights.to(device)
-            loss = loss_fn(model(images), masks, weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            seen += images.shape[0]
-        finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
+    steps = progress(description or f"train {type(model).__name__}", config.epochs * len(loader), "steps")
+    with steps:
+        for epoch in range(config.epochs):
+            started, losses, seen = time.perf_counter(), [], 0
+            for images, masks, weights in loader:
+                images, masks, weights = images.to(device), masks.to(device), weights.to(device)
+                loss = loss_fn(model(images), masks, weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                seen += images.shape[0]
+                steps.advance(note=epoch_note(epoch, config.epochs, losses))
+            finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
     if config.epochs > 0:
         recalibrate_batch_norm(model, loader)
     model.eval()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from loom.progress import progress
 from models.backbone.efficientnet_lite import normalize
 from models.student.fpn.loss import IGNORE_INDEX, SegmentationLoss
 from models.student.fpn.torch_model import image_score
@@ -268,12 +269,18 @@ def finish_epoch(
         on_epoch(epoch, entry)
 
 
+def epoch_note(epoch: int, epochs: int, losses: list[float]) -> str:
+    """The extra of a training step's progress: the epoch and the latest loss (already on the host)."""
+    return f"epoch {epoch + 1}/{epochs}, loss {losses[-1]:.4f}"
+
+
 def train_segmenter(
     model: nn.Module,
     samples: Sequence[Sample] | SegmentationSamples,
     config: TrainConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     loss_fn: nn.Module | None = None,
+    description: str | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``samples``.
 
@@ -288,6 +295,7 @@ def train_segmenter(
         config: optimisation settings.
         on_epoch: called after each epoch with (epoch index, that epoch's history entry).
         loss_fn: defaults to :class:`SegmentationLoss` (CE + Dice).
+        description: what the progress of the steps is called (default ``train <model class>``).
 
     Returns:
         One dict per epoch: ``epoch``, ``loss`` (mean over batches), ``seconds``, ``images_per_s``, ``lr``.
@@ -316,26 +324,29 @@ def train_segmenter(
     device = next(model.parameters()).device
     to_channels_last(model)
     history: list[dict[str, float]] = []
-    for epoch in range(config.epochs):
-        frozen = epoch < config.freeze_backbone_epochs
-        _set_backbone_frozen(model, frozen)
-        model.train()
-        if frozen and getattr(model, "backbone", None) is not None:
-            model.backbone.eval()  # keep pretrained batch-norm statistics while the head settles
-        started, losses, seen = time.perf_counter(), [], 0
-        for batch in loader:
-            images = batch[0].to(device).contiguous(memory_format=torch.channels_last)
-            masks, weights = batch[1].to(device), batch[2].to(device)
-            # Teacher maps (NaN where a sample has none) go to a loss that distils from them.
-            extra = {"teacher_map": batch[3].to(device)} if len(batch) > 3 else {}
-            loss = loss_fn(model(images), masks, weights, **extra)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            seen += images.shape[0]
-        finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
+    steps = progress(description or f"train {type(model).__name__}", config.epochs * len(loader), "steps")
+    with steps:
+        for epoch in range(config.epochs):
+            frozen = epoch < config.freeze_backbone_epochs
+            _set_backbone_frozen(model, frozen)
+            model.train()
+            if frozen and getattr(model, "backbone", None) is not None:
+                model.backbone.eval()  # keep pretrained batch-norm statistics while the head settles
+            started, losses, seen = time.perf_counter(), [], 0
+            for batch in loader:
+                images = batch[0].to(device).contiguous(memory_format=torch.channels_last)
+                masks, weights = batch[1].to(device), batch[2].to(device)
+                # Teacher maps (NaN where a sample has none) go to a loss that distils from them.
+                extra = {"teacher_map": batch[3].to(device)} if len(batch) > 3 else {}
+                loss = loss_fn(model(images), masks, weights, **extra)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+                seen += images.shape[0]
+                steps.advance(note=epoch_note(epoch, config.epochs, losses))
+            finish_epoch(history, epoch, config.epochs, losses, seen, started, optimizer, on_epoch)
     if config.epochs > 0:
         recalibrate_batch_norm(model, loader)
     _set_backbone_frozen(model, False)
@@ -372,6 +383,7 @@ def predict_images(
     tile_overlap: int = 32,
     tile_size: int | None = None,
     batch_size: int = 8,
+    progress_as: str | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """Segment images of any size.
 
@@ -389,6 +401,8 @@ def predict_images(
         tile_overlap: pixels shared by neighbouring tiles.
         tile_size: defaults to ``model.config.image_size`` (else 256).
         batch_size: images or tiles per forward pass.
+        progress_as: show progress per image under this name (e.g. ``"evaluate"``); None shows nothing, for
+            callers that predict a few images at a time (the ML backend, ``predict_paths``' chunks).
 
     Returns:
         Per image, in input order: anomaly map (H, W) float32 = 1 - p(background), class mask (H, W)
@@ -407,15 +421,18 @@ def predict_images(
     was_training = model.training
     model.eval()
     results: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
-    with torch.inference_mode():
+    shown = progress(progress_as or "predict", len(images) if progress_as else 0)
+    with torch.inference_mode(), shown:
         for first in range(0, len(whole), batch_size):
             chunk = whole[first : first + batch_size]
             batch_probs = probabilities(np.stack([pad_to_min_size(images[i], tile, tile) for i in chunk]))
             for index, probs in zip(chunk, batch_probs, strict=True):
                 height, width = images[index].shape[:2]
                 results[index] = _summarise(probs[:, :height, :width])
+            shown.advance(len(chunk))
         for index in tiled:
             probs = predict_tiled(probabilities, images[index], tile, tile_overlap, batch_size=batch_size)
             results[index] = _summarise(probs)
+            shown.advance()
     model.train(was_training)
     return [results[index] for index in range(len(images))]

@@ -100,6 +100,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from loom.progress import track
 from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
 from models.teacher.backbone.features import PATCH_STRIDE, TEACHER_STRIDES, PatchFeatureExtractor
 from models.teacher.backbone.memory_bank import CompressedMemoryBank, MemoryBankConfig
@@ -349,7 +350,10 @@ class BackboneTeacher:
             self._choose_thresholds(self._heldout_normal_maps(normals, normal_keys, normal_features))
         else:
             self._choose_thresholds(self._maps(pool, keys))
-        pool_scores = [self._predict_one(image, key, None)[1] for image, key in zip(pool, keys, strict=True)]
+        pool_scores = [
+            self._predict_one(image, key, None)[1]
+            for image, key in track(zip(pool, keys, strict=True), "teacher image scores", len(pool))
+        ]
         self._score_sigma = _mad_sigma(np.array(pool_scores))[1]
         logger.info(
             "backbone teacher: pool of %d, %d normals, %d clean neighbours, bank of %d, pixel threshold %.4f",
@@ -375,7 +379,7 @@ class BackboneTeacher:
             seed=self.config.seed,
         )
         cache_budget = self.config.feature_cache_mb * 2**20
-        for index, patches in self._extract(pool):
+        for index, patches in track(self._extract(pool), "teacher features", len(pool)):
             builder.add(index, patches, self._patch_features.descriptor(patches))
             if keys[index] not in self._feature_cache and cache_budget >= patches.numel() * 2:
                 self._feature_cache[keys[index]] = patches.half()
@@ -387,7 +391,8 @@ class BackboneTeacher:
         """(N,) screening score of every pool image: the maximum of its map against the screening bank."""
         assert self._index is not None
         scores = []
-        for image, key, patches in zip(pool, keys, self._iter_features(pool, keys), strict=True):
+        features = zip(pool, keys, self._iter_features(pool, keys), strict=True)
+        for image, key, patches in track(features, "teacher screening", len(pool)):
             patch_scores = screen_scores(self._index, patches, key, self.config.k)
             scores.append(float(self._to_map(self._layout(image), patch_scores).max()))
         return np.array(scores)
@@ -419,7 +424,8 @@ class BackboneTeacher:
 
     def _score_pool(self, pool: Sequence[np.ndarray], keys: list[str]) -> None:
         """Both patch scores of every pool image, and the statistics that standardise them."""
-        for key, patches in zip(keys, self._iter_features(pool, keys), strict=True):
+        features = zip(keys, self._iter_features(pool, keys), strict=True)
+        for key, patches in track(features, "teacher scoring", len(pool)):
             if key not in self._pool_scores:
                 self._pool_scores[key] = self._raw_scores(patches, key)
         neighbour_stats = _mad_sigma(torch.cat([s.neighbour for s in self._pool_scores.values()]).numpy())
@@ -604,7 +610,9 @@ class BackboneTeacher:
         )
         results = [
             self._predict_one(image, key, extracted.get(index))
-            for index, (image, key) in enumerate(zip(images, keys, strict=True))
+            for index, (image, key) in track(
+                enumerate(zip(images, keys, strict=True)), "teacher predict", len(images)
+            )
         ]
         scores = np.array([score for _, score in results])
         if update_thresholds:

@@ -48,6 +48,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from loom.progress import track
 from models.teacher.openclip.prompts import class_prompts, state_prompts
 from models.teacher.openclip.weights import load_clip
 from models.teacher.openclip.windows import TileEmbeddings, WindowEncoder, harmonic_aggregate
@@ -308,7 +309,7 @@ class OpenClipTeacher:
         normal_embeddings = [self._embed(normal) for normal in normals]
         self._memory = self._build_memory(normal_embeddings) if normals else None
         self._cache = {}
-        for image in pool:
+        for image in track(pool, "teacher embedding"):
             key = _image_key(image)
             if key not in self._cache:  # a duplicate in the pool is embedded once
                 self._cache[key] = self._score_tiles(self._embed(image))
@@ -357,7 +358,7 @@ class OpenClipTeacher:
             raise RuntimeError("call fit(pool, normals) before predict(images)")
         _check_images(images, "input")
         predictions = []
-        for image in images:
+        for image in track(images, "teacher predict"):
             anomaly_map, class_probs, score = self._assemble(image.shape, self._scores_of(image))
             anomalous = score >= self.image_threshold
             mask = anomaly_map >= self.pixel_threshold if anomalous else np.zeros(anomaly_map.shape, bool)
