@@ -5,7 +5,8 @@ Everything Loom writes lives under one workspace directory (``LOOM_WORKSPACE``, 
 ```
 workspace/
   .git, .dvc           the workspace's own git + DVC repo (never the project's)
-  data/                DVC-tracked: images/, masks/, captions/, pseudo/, manifest.parquet, quarantine/
+  data/                DVC-tracked: images/, masks/, captions/, pseudo/, manifest.parquet
+  quarantine/          bad input with reasons.csv, set-aside annotations (git-ignored, not in DVC)
   rounds/NNNN/         round.json per round (git-tracked)
   dvc-remote/          default DVC remote (a local directory)
   stack/               server state: labelstudio/, prefect/, mlflow/, pids, logs (git-ignored)
@@ -16,8 +17,10 @@ and by ``LOOM_*`` environment variables for ports and secrets.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -117,7 +120,8 @@ class Settings:
 
     @property
     def quarantine_dir(self) -> Path:
-        return self.data_dir / "quarantine"
+        """Bad input and its reasons, beside ``data/`` so that DVC never pushes it (loom/quarantine.py)."""
+        return self.workspace / "quarantine"
 
     @property
     def manifest_path(self) -> Path:
@@ -223,24 +227,76 @@ class Settings:
         return d
 
 
-def workspace_secret(settings: Settings, key: str) -> str:
-    """Read (or create) a random secret kept in ``stack/secrets.env``, never in code or logs."""
-    path = settings.stack_dir / "secrets.env"
+#: The workspace's generated secrets, one ``KEY=value`` a line (mode 0600, outside anything served).
+SECRETS_FILE = "secrets.env"
+# Taken (flock) around every read-modify-write of SECRETS_FILE: two processes adding keys at once
+# (the backend and a flow run at a first start) would otherwise each write the file without the other's key.
+_SECRETS_LOCK = ".secrets.lock"
+
+
+def secrets_path(settings: Settings) -> Path:
+    """``stack/secrets.env``: in the stack folder, which no server of the stack serves."""
+    return settings.stack_dir / SECRETS_FILE
+
+
+def read_workspace_secrets(settings: Settings) -> dict[str, str]:
+    """Every secret of ``stack/secrets.env`` (empty when there is none yet). Writes replace the file whole
+    (:func:`workspace_secret`), so a reader never sees it half-written and needs no lock."""
+    try:
+        text = secrets_path(settings).read_text()
+    except FileNotFoundError:
+        return {}
     values: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if "=" in line:
-                k, v = line.split("=", 1)
-                values[k.strip()] = v.strip()
-    if key not in values:
-        values[key] = secrets.token_hex(20)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Created 0600 from the first byte: never readable by others, not even between write and chmod.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for line in text.splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            values[k.strip()] = v.strip()
+    return values
+
+
+def _write_secrets(path: Path, values: dict[str, str]) -> None:
+    """Replace ``path`` by a file holding ``values``: written to a temporary file in the same folder, which
+    ``mkstemp`` creates with mode 0600 (never readable by others, not even for an instant), synced, then
+    renamed over the old one, so a reader sees the old file or the new one, never a partial or empty one."""
+    fd, tmp_name = tempfile.mkstemp(prefix=".secrets.", suffix=".tmp", dir=path.parent)
+    try:
         with os.fdopen(fd, "w") as f:
             f.write("".join(f"{k}={v}\n" for k, v in values.items()))
-        path.chmod(0o600)
-    return values[key]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def workspace_secret(settings: Settings, key: str) -> str:
+    """Read (or create) a random secret kept in ``stack/secrets.env``, never in code or logs.
+
+    Adding a key is a read-modify-write under an exclusive lock on ``stack/.secrets.lock``, and the file is
+    replaced atomically with mode 0600 (:func:`_write_secrets`): concurrent adders lose no key, and readers
+    (who take no lock) never see a half-written file.
+    """
+    known = read_workspace_secrets(settings)
+    if key in known:
+        return known[key]
+    path = secrets_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(path.parent / _SECRETS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        values = read_workspace_secrets(settings)  # again: another process may have added keys meanwhile
+        if key not in values:
+            values[key] = secrets.token_hex(20)
+            _write_secrets(path, values)
+        return values[key]
+    finally:
+        os.close(lock_fd)  # releases the lock
 
 
 #: Round settings older workspaces may still carry, and what replaced them.

@@ -21,6 +21,13 @@ Reading rules (what ``read_image`` returns is always an ``(H, W, 3)`` ``uint8`` 
   min-max stretched; NaN becomes 0.
 - **EXIF orientation** is applied, so the array is upright as a viewer shows it.
 - Multi-frame files (GIF, multi-page TIFF): the first frame.
+- **Formats.** Only the raster formats cameras, export tools and datasets write are opened: PNG, JPEG (and
+  MPO), TIFF, BMP, GIF, WebP, PNM, JPEG 2000 and TGA. Pillow knows many more; some of them accept
+  nearly any bytes as a header, and EPS would hand the file to Ghostscript, a PostScript interpreter.
+  Anything else is refused with its format's name.
+- **File size.** A file larger than 8 bytes per pixel of the pixel limit plus 16 MiB (528 MB at 64 MP)
+  is refused before it is read: no image Loom accepts needs more, and reading it whole would not keep
+  memory bounded.
 
 16-bit colour: Pillow keeps only the high byte of each 16-bit RGB sample, which would make 12-bit colour data
 dark. Such files are decoded with OpenCV when it is installed (it comes with label-studio-sdk), else with
@@ -29,6 +36,7 @@ Pillow's high-byte rule.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -61,7 +69,28 @@ _HINTS: dict[str, str] = {
     "truncated": "re-copy the file; the transfer was probably cut short",
     "too large": f"tile or downscale it, or raise {MAX_PIXELS_ENV} if frames this size are expected",
     "unsupported mode": "convert it to 8-bit RGB or grayscale (PNG)",
+    "unsupported format": "convert it to PNG",
+    "no pixels": "re-export it; an image needs a width and a height of at least 1",
 }
+
+#: The Pillow formats Loom opens (see the module doc); everything else is refused by name. JPEG includes
+#: MPO (Pillow opens multi-picture JPEGs from cameras through its JPEG plugin).
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "GIF", "WEBP", "PPM", "JPEG2000", "TGA")
+
+# Leading bytes of the accepted formats, to tell "a PNG whose header is cut or broken" from "not an image".
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+)
 
 
 class BadFileError(ValueError):
@@ -110,26 +139,87 @@ def max_image_pixels(max_pixels: int | None = None) -> int:
         raise ValueError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels (e.g. 64000000)") from err
 
 
+def max_file_bytes(max_pixels: int | None = None) -> int:
+    """Largest image file read: 8 bytes per pixel of the pixel limit (16-bit RGBA, uncompressed) + 16 MiB."""
+    return 8 * max_image_pixels(max_pixels) + (1 << 24)
+
+
+def check_file_size(path: str | Path, size: int, max_pixels: int | None = None) -> None:
+    """Refuse a file too large to be an image under the pixel limit, before a byte of it is read.
+
+    Raises:
+        ImageReadError: ``too large: file of ... exceeds ...``.
+    """
+    limit = max_file_bytes(max_pixels)
+    if size > limit:
+        raise ImageReadError(
+            path,
+            f"too large: file of {size / 1e6:.1f} MB exceeds the {limit / 1e6:.0f} MB limit for images "
+            f"(8 bytes per pixel of {MAX_PIXELS_ENV})",
+        )
+
+
+def _sniff(fp: IO[bytes]) -> str | None:
+    """The accepted format the file's first bytes announce (None: no known signature)."""
+    fp.seek(0)
+    head = fp.read(16)
+    fp.seek(0)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
 # Pillow has its own, global bomb guard (an error above ~179 MP) that fires inside Image.open before we can
 # read the size. Loom's limit replaces it for the header read only; the lock keeps the swap atomic.
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
 def _open_header(fp: IO[bytes], path: Path) -> Image.Image:
-    """Parse the header only (lazy open); nothing is decoded yet."""
+    """Parse the header only (lazy open) of an accepted format (``FORMATS``); nothing is decoded yet."""
     with _PIL_LIMIT_LOCK:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            return Image.open(fp)
+            return Image.open(fp, formats=_open_formats())
         except UnidentifiedImageError as err:
-            raise ImageReadError(path, "not an image: PIL cannot identify it") from err
+            raise ImageReadError(path, _unidentified(fp)) from err
         except _DECODE_ERRORS as err:
-            raise ImageReadError(path, f"truncated or corrupt image header ({err})") from err
+            raise ImageReadError(
+                path, f"truncated or corrupt {_sniff(fp) or 'image'} header ({err})"
+            ) from err
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """``FORMATS`` that this Pillow build has a reader for (Image.open fails on a name it does not know)."""
+    Image.init()
+    return tuple(name for name in FORMATS if name in Image.OPEN)
+
+
+def _unidentified(fp: IO[bytes]) -> str:
+    """Why no accepted format opens the file: a broken header of one, another format, or no image at all.
+
+    The second look asks every Pillow plugin, but only to parse a header (which none of them hands to an
+    outside program); the image is closed undecoded.
+    """
+    announced = _sniff(fp)
+    if announced:
+        return (
+            f"truncated or corrupt {announced} header (the signature is there, the header cannot be parsed)"
+        )
+    try:
+        other = Image.open(fp)
+    except Exception:  # any failure here means the same: no format knows these bytes
+        return "not an image: PIL cannot identify it"
+    fmt = other.format
+    other.close()
+    return f"unsupported format {fmt}: Loom reads {', '.join(_open_formats())}"
+
+
 def _check_pixels(path: Path, width: int, height: int, limit: int) -> None:
+    if width < 1 or height < 1:
+        raise ImageReadError(path, f"no pixels: the header declares {width}x{height}")
     pixels = width * height
     if pixels > limit:
         raise ImageReadError(
@@ -156,8 +246,10 @@ def _opened(source: Path | bytes, path: Path, max_pixels: int | None) -> Iterato
         except OSError as err:
             raise ImageReadError(path, f"cannot read file ({err.strerror or err})") from err
     with fp:
-        if fp.seek(0, os.SEEK_END) == 0:
+        size = fp.seek(0, os.SEEK_END)
+        if size == 0:
             raise ImageReadError(path, "empty file (0 bytes)")
+        check_file_size(path, size, max_pixels)
         fp.seek(0)
         im = _open_header(fp, path)
         try:
@@ -334,7 +426,9 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            check_file_size(path, os.fstat(f.fileno()).st_size, max_pixels)
+            data = f.read()
     except FileNotFoundError as err:
         raise ImageReadError(path, "missing: no such file") from err
     except OSError as err:

@@ -11,44 +11,60 @@ Two kinds of input folder:
   quarantined with a reason rather than silently skipped).
 
 Each good image is stored as an 8-bit RGB PNG ``data/images/<sha256 of the original bytes>.png``; the same
-bytes ingested again are a no-op. Each bad file is copied (never moved) to ``data/quarantine/`` with a
-manifest row and a line in ``data/quarantine/reasons.csv``; one bad file never stops the others.
+bytes ingested again are a no-op. Each bad file is copied (never moved) to the workspace's ``quarantine/``
+(beside ``data/``, so DVC never pushes it; loom/quarantine.py) with a manifest row that keeps its reason and a
+line in ``quarantine/reasons.csv``; one bad file never stops the others.
+
+Every entry found ends as added, duplicate or quarantined, never silently dropped. Entries that are not
+read at all are set aside with a reason line (and no manifest row, as they have no bytes to identify them):
+
+- a symbolic link whose target lies outside the source folder is not followed (a link to ``/etc`` or to
+  another line's share must not pull files in); a broken or looping link is reported as such. A link to a
+  file inside the source folder is read (it ends as a duplicate of its target);
+- named pipes, sockets and devices are not opened: reading a pipe would wait forever.
+
+Files are opened without following a last-moment symbolic link and without blocking, a file larger than any
+image under the pixel limit is refused before it is read (``loom.imageio.max_file_bytes``), and a file whose
+bytes change between hashing and decoding (a copy still being written) is quarantined rather than stored under
+the wrong id.
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
+import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 
-from loom import manifest
+from loom import manifest, quarantine
 from loom.config import Settings
 from loom.imageio import (
     ImageReadError,
     MaskError,
+    check_file_size,
     decode_image,
     is_plain_rgb8_png,
     read_mask,
     write_mask,
     write_png,
 )
+from loom.progress import progress
 
 logger = logging.getLogger(__name__)
 
-REASONS_CSV = "reasons.csv"
-_REASONS_HEADER = ("file", "image_id", "reason", "round")
+REASONS_CSV = quarantine.REASONS_CSV
 # Decoding and PNG encoding release the GIL; a few threads keep both cores busy without oversubscribing.
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -61,24 +77,47 @@ class IngestReport:
     duplicates: list[str] = field(default_factory=list)  # source paths whose bytes were already known
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
     human_labeled: list[str] = field(default_factory=list)  # image ids that came with a human mask
+    sources: dict[str, str] = field(default_factory=dict)  # image id -> source path, for each one added
+
+    def tried(self) -> int:
+        """Entries this ingest accounted for: added + duplicates + quarantined (and set aside)."""
+        return len(self.added) + len(self.duplicates) + len(self.quarantined)
+
+    def quarantined_by_kind(self) -> dict[str, int]:
+        """How many were quarantined for each kind of reason (its words before any colon or bracket)."""
+        return dict(Counter(reason_kind(reason) for _, reason in self.quarantined).most_common())
 
     def summary(self) -> str:
         text = (
             f"ingested {len(self.added)} new image(s) ({len(self.human_labeled)} with human masks), "
             f"skipped {len(self.duplicates)} duplicate(s), quarantined {len(self.quarantined)}"
         )
-        return text + (" (reasons in data/quarantine/reasons.csv)" if self.quarantined else "")
+        return text + (" (reasons in quarantine/reasons.csv)" if self.quarantined else "")
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a quarantine reason: "truncated or corrupt PNG header (...)" -> "truncated or corrupt"."""
+    head = reason.split(":", 1)[0].split("(", 1)[0].strip()
+    for kind in ("truncated or corrupt", "unsupported format", "unsupported mode", "cannot read file"):
+        if head.startswith(kind):
+            return kind
+    return head
 
 
 @dataclass(frozen=True)
 class _Candidate:
     """One source file to ingest, with what comes along with it."""
 
-    path: Path
+    path: Path  # as found (reported, and named in reasons)
     split: str
     source: str
     mask: Path | None = None  # human mask (test split of a dataset folder)
     caption: Path | None = None
+    real: Path | None = None  # what is read when it differs: the target of a link inside the source folder
+
+    @property
+    def read_path(self) -> Path:
+        return self.real or self.path
 
 
 @dataclass
@@ -95,18 +134,96 @@ class _Outcome:
 # ---- collecting candidates -----------------------------------------------------------------------------
 
 
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+_SPECIAL_KINDS = (
+    (stat.S_ISFIFO, "named pipe"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """Every non-hidden regular file below root, sorted (deterministic order decides which duplicate wins)."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and not _is_hidden(p, root))
+def _not_regular(mode: int) -> str:
+    what = next((name for test, name in _SPECIAL_KINDS if test(mode)), "special file")
+    return f"not a regular file ({what}): not read"
 
 
-def _plain_candidates(src: Path, split: str, source: str) -> list[_Candidate]:
-    files = [src] if src.is_file() else _walk_files(src)
-    return [_Candidate(path=p, split=split, source=source) for p in files]
+def _follow_link(path: Path, boundary: Path) -> tuple[Path | None, str]:
+    """(file to read, "") for a link to a file inside ``boundary``; (None, reason) for any other link.
+
+    A target outside the boundary is never opened: only the links on the way to it are read. ``(None, "")``
+    for a link to a folder inside it, whose files are walked where they really are.
+    """
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(boundary):
+        return None, f"symbolic link out of the source folder (to {target}): not followed, not read"
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return None, f"broken symbolic link (its target {target} does not exist)"
+    except OSError as err:
+        return None, f"broken symbolic link ({err.strerror or err})"
+    if stat.S_ISDIR(mode):
+        return None, ""
+    if not stat.S_ISREG(mode):
+        return None, _not_regular(mode)
+    return target, ""
+
+
+def _walk(folder: Path, boundary: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
+    """Every non-hidden entry below ``folder``, links not followed out of ``boundary`` (a resolved folder).
+
+    Returns:
+        ``(path as found, path to read)`` of the files to try, sorted (the order decides which of two equal
+        files is the duplicate), and ``(path, reason)`` of the entries set aside unread.
+    """
+    files: list[tuple[Path, Path]] = []
+    set_aside: list[tuple[str, str]] = []
+    pending = [folder]
+    while pending:  # a stack, not recursion: a deep tree cannot overflow it
+        here = pending.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = list(listing)
+        except OSError as err:
+            set_aside.append((str(here), f"cannot list folder ({err.strerror or err})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_symlink():
+                    real, reason = _follow_link(path, boundary)
+                    if real is not None:
+                        files.append((path, real))
+                    elif reason:
+                        set_aside.append((str(path), reason))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                elif entry.is_file(follow_symlinks=False):
+                    files.append((path, path))
+                else:
+                    set_aside.append((str(path), _not_regular(entry.stat(follow_symlinks=False).st_mode)))
+            except OSError as err:  # vanished while listed, or a permission problem
+                set_aside.append((str(path), f"cannot read file ({err.strerror or err})"))
+    files.sort()
+    set_aside.sort()
+    return files, set_aside
+
+
+def _plain_candidates(src: Path, split: str, source: str) -> tuple[list[_Candidate], list[tuple[str, str]]]:
+    """Candidates below a plain folder (or the one file given), and the entries set aside unread."""
+    if src.is_dir():
+        files, set_aside = _walk(src, src.resolve())
+    else:  # named explicitly: a file or a link to one is read wherever it is
+        mode = os.stat(src).st_mode
+        files, set_aside = (
+            ([(src, src.resolve())], []) if stat.S_ISREG(mode) else ([], [(str(src), _not_regular(mode))])
+        )
+    candidates = [
+        _Candidate(path=p, split=split, source=source, real=real if real != p else None) for p, real in files
+    ]
+    return candidates, set_aside
 
 
 def _dataset_classes(src: Path, settings: Settings) -> tuple[str, ...]:
@@ -170,7 +287,8 @@ def _dataset_candidate(src: Path, path: Path, split: str, source: str) -> _Candi
 def _dataset_candidates(
     src: Path, split: str, source: str | None
 ) -> tuple[list[_Candidate], list[tuple[str, str]]]:
-    """Candidates from a Loom dataset folder, and (path, reason) for rows whose image file is missing."""
+    """Candidates from a Loom dataset folder, and (path, reason) for rows whose image file is missing and for
+    entries under ``images/`` set aside unread."""
     table = _read_dataset_manifest(src, split)
     root = src.resolve()
     candidates: list[_Candidate] = []
@@ -179,15 +297,23 @@ def _dataset_candidates(
         table["path"], table["split"], _row_sources(table, src, source), strict=True
     ):
         path = (src / str(rel)).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            why = "outside the dataset folder" if not path.is_relative_to(root) else "missing"
-            missing.append((str(src / str(rel)), f"listed in manifest.parquet but {why}"))
+        if not path.is_relative_to(root):
+            missing.append((str(src / str(rel)), "listed in manifest.parquet but outside the dataset folder"))
+        elif not path.exists():
+            missing.append((str(src / str(rel)), "listed in manifest.parquet but missing"))
+        elif not path.is_file():  # a folder, a pipe: opening a pipe would wait forever
+            missing.append((str(src / str(rel)), "listed in manifest.parquet but not a regular file"))
         else:
             candidates.append(_dataset_candidate(src, path, str(row_split), row_source))
     listed = {c.path for c in candidates}
     if (src / "images").is_dir():  # files the manifest forgot are not lost
-        extra = [p for p in _walk_files(src / "images") if p.resolve() not in listed]
-        candidates += [_Candidate(path=p, split=split, source=source or root.name) for p in extra]
+        files, set_aside = _walk(src / "images", root)
+        candidates += [
+            _Candidate(path=p, split=split, source=source or root.name, real=real if real != p else None)
+            for p, real in files
+            if real.resolve() not in listed
+        ]
+        missing += set_aside
     return candidates, missing
 
 
@@ -202,10 +328,35 @@ def _row_sources(table: pd.DataFrame, src: Path, source: str | None) -> Iterable
 # ---- per-file work -------------------------------------------------------------------------------------
 
 
-def _hash(candidate: _Candidate) -> tuple[str | None, str]:
-    """(sha256, "") or (None, reason) when the file cannot even be read."""
+def _open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading; never follows a last symbolic link, never blocks on a pipe.
+
+    The walk already sorted links and pipes out; this closes the gap of an entry swapped for one since.
+
+    Raises:
+        OSError: cannot be opened, or is not a regular file (``strerror`` says which).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
     try:
-        return manifest.sha256_file(candidate.path), ""
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(0, _not_regular(mode).split(":", 1)[0])
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _hash(candidate: _Candidate) -> tuple[str | None, str]:
+    """(sha256, "") or (None, reason) when the file cannot even be read. Streams: memory stays flat."""
+    try:
+        with _open_regular(candidate.read_path) as f:
+            digest = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest(), ""
     except OSError as err:
         return None, f"cannot read file ({err.strerror or err})"
 
@@ -216,13 +367,25 @@ def _store(
     """Decode, check the mask, write the PNG (+ mask, caption); bad input gives an outcome with a reason."""
     outcome = _Outcome(candidate=candidate, image_id=image_id)
     try:
-        data = candidate.path.read_bytes()
+        with _open_regular(candidate.read_path) as f:
+            check_file_size(candidate.path, os.fstat(f.fileno()).st_size)  # before reading it whole
+            data = f.read()
+        if manifest.sha256_bytes(data) != image_id:
+            outcome.reason = (
+                "changed while being ingested: its bytes differ from when it was hashed (a copy still being "
+                "written?); copy it again once it is complete"
+            )
+            return outcome
         rgb = decode_image(data, candidate.path)
     except ImageReadError as err:
         outcome.reason = err.reason
         return outcome
     except OSError as err:
         outcome.reason = f"cannot read file ({err.strerror or err})"
+        return outcome
+    except Exception as err:  # a decoder bug on one file must not stop the night's ingest
+        logger.warning("decoding %s failed unexpectedly", candidate.path, exc_info=True)
+        outcome.reason = f"truncated or corrupt image: the decoder failed ({type(err).__name__}: {err})"
         return outcome
     outcome.height, outcome.width = rgb.shape[:2]
     mask: np.ndarray | None = None
@@ -258,24 +421,16 @@ def _write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _quarantine(outcome: _Outcome, settings: Settings, round_no: int) -> str:
-    """Copy a bad file to quarantine/, append its reason to reasons.csv; returns its data-relative path."""
-    qdir = settings.quarantine_dir
-    qdir.mkdir(parents=True, exist_ok=True)
-    name = f"{outcome.image_id[:12]}_{outcome.candidate.path.name}"
+def _quarantine(outcome: _Outcome, settings: Settings) -> str:
+    """Copy a bad file into the quarantine (beside data/); returns its manifest path (relative to data/)."""
+    name = quarantine.stored_name(outcome.image_id, outcome.candidate.path.name)
     try:
-        shutil.copyfile(outcome.candidate.path, qdir / name)
+        with _open_regular(outcome.candidate.read_path) as f:
+            quarantine.keep(settings, f, name)
     except OSError as err:  # the reason is still recorded; the original stays where it was
         logger.error("could not copy %s to quarantine: %s", outcome.candidate.path, err)
-    reasons = qdir / REASONS_CSV
-    new_file = not reasons.exists()
-    with open(reasons, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new_file:
-            writer.writerow(_REASONS_HEADER)
-        writer.writerow([str(outcome.candidate.path), outcome.image_id, outcome.reason, round_no])
     logger.warning("quarantined %s: %s", outcome.candidate.path, outcome.reason)
-    return f"{qdir.name}/{name}"
+    return quarantine.manifest_path(settings, name)
 
 
 def _row(outcome: _Outcome, path: str, round_no: int) -> dict[str, object]:
@@ -285,7 +440,7 @@ def _row(outcome: _Outcome, path: str, round_no: int) -> dict[str, object]:
         "path": path,
         "width": outcome.width if not outcome.reason else pd.NA,
         "height": outcome.height if not outcome.reason else pd.NA,
-        "source": outcome.candidate.source,
+        "source": quarantine.printable(outcome.candidate.source),
         "split": outcome.candidate.split,
         "round": round_no,
         "score": np.nan,  # no labeler has scored it yet
@@ -293,34 +448,20 @@ def _row(outcome: _Outcome, path: str, round_no: int) -> dict[str, object]:
         "label_source": "human" if human else "none",
         "classes": outcome.classes if human else "",
         "review_state": "reviewed" if human else "none",
-        "quarantine_reason": outcome.reason,
+        "quarantine_reason": quarantine.printable(outcome.reason),
     }
 
 
 # ---- progress ------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _progress(description: str, total: int) -> Iterator[Callable[[], None]]:
-    """Yield an ``advance()`` callable; draws a rich progress bar only when stderr is a terminal."""
-    if not sys.stderr.isatty() or total == 0:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda: bar.advance(task)
-
-
 def _mapped(fn: Callable[..., object], items: Sequence[object], description: str) -> list:
-    """``[fn(x) for x in items]`` on a thread pool, in order, with a progress bar."""
+    """``[fn(x) for x in items]`` on a thread pool, in order, with progress (loom/progress.py)."""
     results = []
-    with _progress(description, len(items)) as advance, ThreadPoolExecutor(_WORKERS) as pool:
+    with progress(description, len(items), "files") as bar, ThreadPoolExecutor(_WORKERS) as pool:
         for result in pool.map(fn, items):
             results.append(result)
-            advance()
+            bar.advance()
     return results
 
 
@@ -333,45 +474,52 @@ def ingest_folder(
     """Ingest every image below ``src`` (or a Loom dataset folder) into the workspace's manifest.
 
     Args:
-        settings: the workspace (``settings.data_dir`` receives images, masks, captions, quarantine).
+        settings: the workspace (``settings.data_dir`` receives images, masks and captions, and
+            ``settings.quarantine_dir`` the bad files).
         src: a folder of images, a single image file, or a Loom dataset folder (has ``manifest.parquet``).
         round_no: the round the images arrive in (manifest ``round``).
         source: manifest ``source``; default: the dataset row's source, else ``src``'s folder name.
         split: split for images without one (default ``train``); a dataset manifest's split wins.
     Returns:
-        An IngestReport; the manifest at ``settings.manifest_path`` is saved.
+        An IngestReport: every entry found is in exactly one of added (``sources``), duplicates and
+        quarantined; the manifest at ``settings.manifest_path`` is saved.
     Raises:
         FileNotFoundError: ``src`` does not exist. ValueError: a malformed dataset manifest or classes.json.
     """
     src = Path(src)
-    if not src.exists():
+    if not src.exists() and not src.is_symlink():
         raise FileNotFoundError(
             f"ingest source {src} does not exist; pass a folder of images or a dataset folder"
         )
     split = split or "train"
     if split not in manifest.SPLITS:
         raise ValueError(f"split {split!r} is not one of {manifest.SPLITS}")
+    if not src.exists():
+        raise FileNotFoundError(f"ingest source {src} is a broken symbolic link; point it at a folder")
     report = IngestReport()
     lookup = np.arange(256, dtype=np.uint8)
     n_mask_classes = len(settings.classes)
     if src.is_dir() and (src / "manifest.parquet").is_file():
         dataset_classes = _dataset_classes(src, settings)
         lookup, n_mask_classes = _class_lookup(dataset_classes, settings), len(dataset_classes)
-        candidates, missing = _dataset_candidates(src, split, source)
-        for path, reason in missing:
-            logger.warning("cannot ingest %s: %s", path, reason)
-        report.quarantined += missing
+        candidates, unread = _dataset_candidates(src, split, source)
     else:
-        candidates = _plain_candidates(src, split, source or src.resolve().name)
+        candidates, unread = _plain_candidates(src, split, source or src.resolve().name)
+    reasons: list[tuple[str, str, str, int]] = []  # reasons.csv lines: file, image id, reason, round
+    for path, reason in unread:
+        logger.warning("cannot ingest %s: %s", path, reason)
+        report.quarantined.append((path, reason))
+        reasons.append((path, "", reason, round_no))
 
-    table = manifest.load(settings.manifest_path)
+    table = quarantine.move_legacy(settings, manifest.load(settings.manifest_path))
     known = set(table["image_id"].dropna())
-    hashes = _mapped(_hash, candidates, "hashing")
+    hashes = _mapped(_hash, candidates, f"hashing {src.name}")
     fresh: list[tuple[_Candidate, str]] = []
     for candidate, (image_id, reason) in zip(candidates, hashes, strict=True):
         if image_id is None:  # unreadable: no bytes to hash or keep
             logger.warning("cannot ingest %s: %s", candidate.path, reason)
             report.quarantined.append((str(candidate.path), reason))
+            reasons.append((str(candidate.path), "", reason, round_no))
         elif image_id in known:
             report.duplicates.append(str(candidate.path))
         else:
@@ -384,16 +532,19 @@ def ingest_folder(
     rows = []
     for outcome in _mapped(store, fresh, f"ingesting {src.name}"):
         if outcome.reason:
-            path = _quarantine(outcome, settings, round_no)
+            path = _quarantine(outcome, settings)
             report.quarantined.append((str(outcome.candidate.path), outcome.reason))
+            reasons.append((str(outcome.candidate.path), outcome.image_id, outcome.reason, round_no))
         else:
             path = f"{settings.images_dir.name}/{outcome.image_id}.png"
             report.added.append(outcome.image_id)
+            report.sources[outcome.image_id] = str(outcome.candidate.path)
             if outcome.human:
                 report.human_labeled.append(outcome.image_id)
         rows.append(_row(outcome, path, round_no))
     if rows:
         table = manifest.upsert(table, pd.DataFrame(rows))
+    quarantine.record_reasons(settings, reasons)
     manifest.save(table, settings.manifest_path)
     logger.info("%s: %s", src, report.summary())
     return report

@@ -302,3 +302,48 @@ def test_writers_reject_wrong_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"0\.\.255"):
         write_mask(tmp_path / "m.png", np.full((4, 4), 300, np.int32))
     assert not list(tmp_path.iterdir())
+
+
+# ---- formats, signatures and file size -------------------------------------------------------------------
+
+
+def test_formats_outside_the_list_are_refused_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import PIL.EpsImagePlugin
+
+    def no_ghostscript(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an EPS file reached Ghostscript")
+
+    monkeypatch.setattr(PIL.EpsImagePlugin, "Ghostscript", no_ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    (tmp_path / "drawing.png").write_bytes(eps)
+    assert reason_of(tmp_path / "drawing.png").startswith("unsupported format EPS: Loom reads PNG, JPEG")
+    Image.fromarray(gradient()).save(tmp_path / "icon.ico")
+    assert reason_of(tmp_path / "icon.ico").startswith("unsupported format ICO")
+    for fmt, ext in (("TGA", "tga"), ("PPM", "ppm"), ("WEBP", "webp"), ("BMP", "bmp")):  # accepted ones
+        Image.fromarray(gradient()).save(
+            tmp_path / f"ok.{ext}", format=fmt, **({"lossless": True} if fmt == "WEBP" else {})
+        )
+        np.testing.assert_array_equal(read_image(tmp_path / f"ok.{ext}"), gradient())
+
+
+def test_a_cut_header_names_its_format(tmp_path: Path) -> None:
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif"), ("BMP", "bmp"), ("GIF", "gif")):
+        Image.fromarray(gradient()).save(tmp_path / f"x.{ext}", format=fmt)
+        (tmp_path / f"x.{ext}").write_bytes((tmp_path / f"x.{ext}").read_bytes()[:12])
+        assert reason_of(tmp_path / f"x.{ext}").startswith(f"truncated or corrupt {fmt} header"), fmt
+    (tmp_path / "r.png").write_bytes(b"*" + bytes(range(200)))
+    assert reason_of(tmp_path / "r.png") == "not an image: PIL cannot identify it"
+
+
+def test_no_pixels_and_files_too_large_to_be_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from loom.imageio import _check_pixels, max_file_bytes
+
+    with pytest.raises(ImageReadError, match="no pixels: the header declares 0x16"):
+        _check_pixels(tmp_path / "z.png", 0, 16, 100)
+    assert max_file_bytes() == 8 * 64_000_000 + (1 << 24)
+    monkeypatch.setenv("LOOM_MAX_IMAGE_PIXELS", "100")
+    with open(tmp_path / "big.png", "wb") as f:
+        f.truncate(max_file_bytes() + 1)  # sparse
+    assert reason_of(tmp_path / "big.png").startswith("too large: file of 16.8 MB exceeds the 17 MB limit")

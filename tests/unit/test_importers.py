@@ -156,6 +156,6 @@ def test_import_plain_keeps_unreadable_files_for_quarantine(tmp_path: Path) -> N
     assert len(report.added) == 3
     reasons = {Path(p).name: r for p, r in report.quarantined}
     assert set(reasons) == {"broken.jpg", "notes.txt"}
-    assert reasons["broken.jpg"].startswith("truncated or corrupt image header")  # a JPEG start, then junk
+    assert reasons["broken.jpg"].startswith("truncated or corrupt JPEG header")  # a JPEG start, then junk
     assert reasons["notes.txt"].startswith("not an image")
     assert (src / "broken.jpg").exists()  # never removed from the source
