@@ -7,7 +7,7 @@ Every server runs on ``settings.ports.host`` (loopback) with all of its state un
 stack/
   labelstudio/   LABEL_STUDIO_BASE_DATA_DIR (sqlite, media)
   prefect/       PREFECT_HOME (sqlite, profiles, result storage)
-  mlflow/        mlflow.db + artifacts/ (Loom logs to the sqlite URI directly; the server is only the UI)
+  mlflow/        mlflow.db + artifacts/ (rounds log through the server while it is up; see loom/tracking.py)
   backend/       the ML backend's records (interactions.jsonl, webhook events)
   pids/<name>.pid   "<pid>\\n<process start time>\\n" of the process-group leader
   logs/<name>.log   stdout + stderr, appended across starts
@@ -18,6 +18,7 @@ while the servers keep running and ``loom down`` can signal a server together wi
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -152,6 +153,67 @@ class _Launch:
     cwd: Path
 
 
+#: Addresses Label Studio must never send a request to: the special-purpose ranges of the IANA IPv4 and
+#: IPv6 registries (RFC 6890 and successors), a superset of the list Label Studio 1.23 bans by default
+#: (``validate_ip`` in label_studio/core/utils/io.py).
+RESERVED_SUBNETS: tuple[str, ...] = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8",  # private
+    "100.64.0.0/10",  # carrier-grade NAT
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local (cloud metadata services live here)
+    "172.16.0.0/12",  # private
+    "192.0.0.0/24",  # IETF protocol assignments
+    "192.0.2.0/24",  # documentation
+    "192.31.196.0/24",  # AS112
+    "192.52.193.0/24",  # AMT
+    "192.88.99.0/24",  # former 6to4 relay anycast
+    "192.168.0.0/16",  # private
+    "192.175.48.0/24",  # AS112 direct delegation
+    "198.18.0.0/15",  # benchmarking
+    "198.51.100.0/24",  # documentation
+    "203.0.113.0/24",  # documentation
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved
+    "255.255.255.255/32",  # limited broadcast
+    "::/128",  # unspecified
+    "::1/128",  # loopback
+    "::ffff:0:0/96",  # IPv4-mapped
+    "::ffff:0:0:0/96",  # IPv4-translated
+    "64:ff9b::/96",  # IPv4/IPv6 translation
+    "64:ff9b:1::/48",  # local IPv4/IPv6 translation
+    "100::/64",  # discard
+    "2001::/23",  # IETF protocol assignments (Teredo, ORCHID, ...)
+    "2001:db8::/32",  # documentation
+    "2002::/16",  # 6to4
+    "fc00::/7",  # unique local
+    "fe80::/10",  # link-local
+    "ff00::/8",  # multicast
+)
+
+
+def label_studio_banned_subnets(allowed_host: str) -> list[str]:
+    """``RESERVED_SUBNETS`` with the single address ``allowed_host`` cut out of the ranges holding it.
+
+    Label Studio's SSRF guard only bans (``USER_ADDITIONAL_BANNED_SUBNETS``, checked on every connection of
+    ML backends and webhooks and on import URLs); it has no allow list. Its default list would refuse the
+    ML backend on 127.0.0.1, so Loom turns the default off and passes this list instead: 127.0.0.0/8 becomes
+    the 24 subnets that cover it all but 127.0.0.1. What stays open is that one address, on every port:
+    the stack's own servers (Label Studio, Prefect's API, the MLflow UI, the backend).
+    """
+    try:
+        allowed = ipaddress.ip_network(allowed_host)
+    except ValueError:  # a host name: Label Studio checks the address it resolves to
+        allowed = ipaddress.ip_network(socket.gethostbyname(allowed_host))
+    banned: list[str] = []
+    for subnet in map(ipaddress.ip_network, RESERVED_SUBNETS):
+        if subnet.version == allowed.version and allowed.subnet_of(subnet):
+            banned += [str(n) for n in sorted(subnet.address_exclude(allowed))]
+        else:
+            banned.append(str(subnet))
+    return banned
+
+
 def _labelstudio_launch(settings: Settings) -> _Launch:
     data_dir = settings.stack_dir / "labelstudio"
     env = {
@@ -171,8 +233,14 @@ def _labelstudio_launch(settings: Settings) -> _Launch:
         # Empty DSNs switch off error reports to Label Studio's Sentry (they would carry request data).
         "LABEL_STUDIO_SENTRY_DSN": "",
         "LABEL_STUDIO_FRONTEND_SENTRY_DSN": "",
-        # Otherwise the ML backend on 127.0.0.1 is refused as a reserved network.
+        # SSRF guard: Label Studio refuses URLs (ML backends, webhooks, imports) that resolve to a banned
+        # subnet. Its default list bans all of loopback, the backend on 127.0.0.1 included, and it has no
+        # allow list; so its default is swapped for the same reserved ranges with only the stack's host cut
+        # out (see ``label_studio_banned_subnets``): private, link-local and the rest of loopback stay banned.
         "LABEL_STUDIO_USE_DEFAULT_BANNED_SUBNETS": "false",
+        "LABEL_STUDIO_USER_ADDITIONAL_BANNED_SUBNETS": ",".join(
+            label_studio_banned_subnets(settings.ports.host)
+        ),
     }
     from loom.labelstudio import link_images
 
@@ -204,9 +272,10 @@ def _prefect_worker_launch(settings: Settings) -> _Launch:
 def _mlflow_launch(settings: Settings) -> _Launch:
     mlflow_dir = settings.stack_dir / "mlflow"
     argv = [str(_venv_bin("mlflow")), "server", "--backend-store-uri", settings.mlflow_tracking_uri]
-    # A plain directory (not the mlflow-artifacts:/ proxy): Loom logs without the server, so the
-    # experiments' artifact locations must be paths both sides can open.
-    argv += ["--default-artifact-root", str(settings.mlflow_artifacts_dir), "--workers", "1"]
+    # Rounds log through this server while it is up (loom/tracking.py): it takes their artifacts and serves
+    # them (mlflow-artifacts:/), as a deployed tracking server does.
+    argv += ["--serve-artifacts", "--artifacts-destination", str(settings.mlflow_artifacts_dir)]
+    argv += ["--workers", "1"]
     argv += ["--host", settings.ports.host, "--port", str(settings.ports.mlflow)]
     # The job runner (GenAI scorers, ~7 extra processes, ~1.5 GB) is of no use to a UI-only server.
     return _Launch(argv, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_dir)
@@ -673,6 +742,14 @@ def down(settings: Settings, timeout_s: float = 30) -> None:
     # SIGTERM into SIGINT and then idles; it holds no state, so it gets a few seconds, not ``timeout_s``.
     _stop_processes(settings, [WORKER], min(timeout_s, WORKER_STOP_S))
     _stop_processes(settings, [n for n in _PROCESSES if n != WORKER], timeout_s)
+
+
+def stop(settings: Settings, services: Sequence[str], timeout_s: float = 30) -> None:
+    """Stop some services of the workspace's stack (``up`` with the same names starts them again)."""
+    unknown = set(services) - set(SERVICES)
+    if unknown:
+        raise StackError(f"unknown services {sorted(unknown)}; choose from {list(SERVICES)}")
+    _stop_processes(settings, [n for n, p in _PROCESSES.items() if p.service in services], timeout_s)
 
 
 def status(settings: Settings, services: Sequence[str] = SERVICES) -> StackStatus:
