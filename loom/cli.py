@@ -150,6 +150,8 @@ def round_(
     """
     from loom.journal import RoundBusy
     from loom.runner import resume_suspended_round, run_round
+    from loom.tracking import TrackingError
+    from loom.versioning import VersioningError
 
     settings = load_settings(workspace)
     try:
@@ -166,6 +168,9 @@ def round_(
     except RoundBusy as err:
         typer.echo(f"round not started: {err}", err=True)
         raise typer.Exit(2) from None
+    except (TrackingError, VersioningError) as err:  # MLflow or DVC/git: the round stops, nothing half-done
+        typer.echo(f"round failed: {err}\nFix that, then `loom round --resume` finishes the round.", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"round {record['round']}: {record['summary']} (tag {record['git']['tag']})")
 
 

@@ -13,8 +13,9 @@ kernel drops the lock with the process, so a killed round never leaves a stale l
 suspended for review holds no process and no lock; its journal names its flow run, and a second round is
 refused while that run waits (:func:`claim`).
 
-``LOOM_KILL_AT=<step>:<start|end>`` makes the round's process kill itself (SIGKILL) when it reaches that
-point: the reliability tests and BENCHMARKS.md use it to cut a round exactly at a step boundary.
+``LOOM_KILL_AT=<step>:<start|done>`` makes the round's process kill itself (SIGKILL) when it reaches that
+point, ``LOOM_STOP_AT`` stop itself (SIGSTOP): the reliability tests use them to cut a round exactly at a
+step boundary or inside a step (:func:`fault_point`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 JOURNAL_NAME = "in-progress.json"
 LOCK_NAME = "round.lock"
 KILL_AT_ENV = "LOOM_KILL_AT"
+STOP_AT_ENV = "LOOM_STOP_AT"
 
 
 class RoundBusy(RuntimeError):
@@ -203,13 +205,20 @@ def mark(settings: Settings, step: str, phase: str, **ids: Any) -> None:
         journal.steps[step] = phase
         journal.ids.update(ids)
         save(settings, journal)
-    kill_point(f"{step}:{phase}")
+    fault_point(f"{step}:{phase}")
 
 
-def kill_point(name: str) -> None:
-    """SIGKILL this process when ``LOOM_KILL_AT`` names this point (fault injection for the tests)."""
-    if os.environ.get(KILL_AT_ENV) == name:
-        logger.warning("%s=%s: killing this round's process (pid %d)", KILL_AT_ENV, name, os.getpid())
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+def fault_point(name: str) -> None:
+    """Fault injection for the reliability tests, at a named point of the round.
+
+    ``LOOM_KILL_AT=name`` SIGKILLs this process there (kill -9 at a known point); ``LOOM_STOP_AT=name``
+    SIGSTOPs it, so a test can break a service under it (stop Label Studio, kill MLflow) and SIGCONT it.
+    """
+    for variable, sig in ((KILL_AT_ENV, signal.SIGKILL), (STOP_AT_ENV, signal.SIGSTOP)):
+        if os.environ.get(variable) == name:
+            logger.warning(
+                "%s=%s: sending %s to this round's process (pid %d)", variable, name, sig.name, os.getpid()
+            )
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), sig)

@@ -8,21 +8,25 @@ Label Studio's local-files storage. Its document root holds only a link ``images
 server databases, masks) can be reached through Label Studio, whatever storage a user adds.
 
 The Defect-Click ML backend (``loom backend``) is connected to the project as an interactive model with
-basic auth, and a project webhook sends annotation events to it.
+basic auth, and a project webhook sends annotation events to it. Both live on 127.0.0.1, the one reserved
+address Label Studio's SSRF guard lets through here (``label_studio_banned_subnets`` in loom/stack.py):
+private, link-local and the rest of loopback stay refused.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import json
 import logging
 import os
 import re
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin
 
 import httpx
@@ -50,6 +54,34 @@ class LabelStudioError(RuntimeError):
 
 class MalformedAnnotation(ValueError):
     """An annotation result that cannot be turned into a class mask (the message says why)."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _names_the_server(fn: F) -> F:
+    """Turn a failed request in ``fn`` (first argument: the settings) into a :class:`LabelStudioError`
+    naming the server and what to do: an API error or a dropped connection mid-sync is a Label Studio
+    fault, which a round survives (no review this round), not a crash."""
+
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(settings, *args, **kwargs)
+        except ApiError as exc:
+            body = str(exc.body)[:300] if exc.body is not None else ""
+            raise LabelStudioError(
+                f"Label Studio at {settings.label_studio_url} answered HTTP {exc.status_code} in "
+                f"{fn.__name__}: {body}. Check its log (`loom status` names it); the round goes on without "
+                "review and the selected images stay queued for the next one"
+            ) from exc
+        except (httpx.HTTPError, requests.RequestException) as exc:
+            raise LabelStudioError(
+                f"Label Studio at {settings.label_studio_url} stopped answering in {fn.__name__} "
+                f"({type(exc).__name__}); is it up (`loom status`, `loom up`)?"
+            ) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 # ---- labeling config ---------------------------------------------------------------------------
@@ -124,6 +156,7 @@ def connect(settings: Settings, token: str | None = None) -> LabelStudio:
     return client
 
 
+@_names_the_server
 def ensure_project(settings: Settings, client: LabelStudio | None = None) -> int:
     """Id of the project titled ``settings.project_title``, created with Loom's labeling config if missing.
 
@@ -193,6 +226,7 @@ ML_BACKEND_TITLE = "Loom Defect-Click"
 WEBHOOK_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 
 
+@_names_the_server
 def connect_ml_backend(settings: Settings, project_id: int, client: LabelStudio | None = None) -> int:
     """Id of the project's interactive ML backend at ``settings.backend_url``, added (or its credentials
     refreshed) if needed, plus a webhook that sends annotation events to it. Calling it again changes nothing.
@@ -337,31 +371,48 @@ def mask_to_results(
     return results
 
 
+#: Result types without a region of their own: the smart key points (the brush masks they produced are read).
+_POINT_TYPES = ("keypointlabels",)
+
+
 def results_to_mask(
     results: Sequence[Mapping[str, Any]], height: int, width: int, classes: Sequence[str]
 ) -> np.ndarray:
     """Class-index mask (height, width) uint8 from brush results; later results win where regions overlap.
 
-    Results of other types (the smart key points) are ignored.
+    Key point results (the smart clicks) are ignored. A region of any other shape (a rectangle, a polygon:
+    only possible once someone changes the labeling config) is refused, not skipped: skipping it would turn a
+    defect a person marked into background.
 
     Raises:
-        MalformedAnnotation: bad RLE, a size other than (height, width), or a label outside ``classes``.
+        MalformedAnnotation: not a list of region objects, a region of another type, a missing or odd
+            ``value``, bad RLE, a size other than (height, width), or a label outside ``classes``.
     """
     mask = np.zeros((height, width), dtype=np.uint8)
-    if not isinstance(results, Sequence) or isinstance(results, str):
+    if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
         raise MalformedAnnotation(f"result must be a list of regions, got {type(results).__name__}")
     for index, result in enumerate(results):
         if not isinstance(result, Mapping):
             raise MalformedAnnotation(
                 f"result {index}: a region must be an object, got {type(result).__name__}"
             )
-        if result.get("type") != "brushlabels":
+        kind = result.get("type")
+        if kind in _POINT_TYPES:
             continue
-        value = result.get("value") or {}
-        labels = value.get("brushlabels") or []
-        if len(labels) != 1:
+        if kind != "brushlabels":
+            raise MalformedAnnotation(
+                f"result {index}: a region of type {kind!r} is not a brush mask; Loom's labeling config "
+                "has brush labels and smart key points only"
+            )
+        value = result.get("value")
+        if not isinstance(value, Mapping):
+            raise MalformedAnnotation(
+                f"result {index}: 'value' must be an object, got {type(value).__name__}"
+            )
+        labels = value.get("brushlabels")
+        if not isinstance(labels, Sequence) or isinstance(labels, (str, bytes)) or len(labels) != 1:
             raise MalformedAnnotation(f"result {index}: expected one brush label, got {labels!r}")
-        if labels[0] not in classes:
+        if not isinstance(labels[0], str) or labels[0] not in classes:
             raise MalformedAnnotation(f"result {index}: unknown label {labels[0]!r}; known: {list(classes)}")
         size = (result.get("original_height"), result.get("original_width"))
         if size != (height, width):
@@ -385,8 +436,10 @@ def decode_region(rle: Any, height: int, width: int, index: int) -> np.ndarray:
         raise MalformedAnnotation(f"result {index}: RLE does not describe a {height}x{width} image")
     try:
         decoded = decode_rle(rle)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, OverflowError) as exc:  # OverflowError: a run value wider than a byte
         raise MalformedAnnotation(f"result {index}: RLE is truncated or corrupt ({exc})") from exc
+    if decoded.size != expected:  # the header said so, but the decoder is not ours: check, do not assume
+        raise MalformedAnnotation(f"result {index}: RLE decodes to {decoded.size} values, not {expected}")
     return decoded.reshape(height, width, 4)[:, :, 3] > 0
 
 
@@ -426,6 +479,7 @@ def _task_image_ids(client: LabelStudio, project_id: int) -> dict[str, int]:
     return {image_id: int(task.id) for image_id, task in _tasks_by_image(client, project_id).items()}
 
 
+@_names_the_server
 def push_tasks(
     settings: Settings, project_id: int, items: Sequence[TaskItem], client: LabelStudio | None = None
 ) -> dict[str, int]:
@@ -454,6 +508,7 @@ def push_tasks(
     return {item.image_id: task_ids[item.image_id] for item in items}
 
 
+@_names_the_server
 def refresh_predictions(
     settings: Settings,
     project_id: int,
@@ -616,14 +671,28 @@ def _field(obj: Any, name: str) -> Any:
     return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
 
 
+def _as_int(value: Any) -> int | None:
+    """An id or count as int: ints, integral floats and digit strings; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
 def latest_annotation(annotations: Sequence[Any]) -> Any | None:
     """The most recently updated annotation that was not cancelled (skipped), or None."""
     kept = [a for a in annotations if not _field(a, "was_cancelled")]
     return max(
-        kept, key=lambda a: (str(_field(a, "updated_at") or ""), int(_field(a, "id") or 0)), default=None
+        kept, key=lambda a: (str(_field(a, "updated_at") or ""), _as_int(_field(a, "id")) or 0), default=None
     )
 
 
+@_names_the_server
 def pull_annotations(
     settings: Settings,
     project_id: int,
@@ -632,7 +701,10 @@ def pull_annotations(
 ) -> tuple[list[PulledAnnotation], list[tuple[str, str]]]:
     """Latest non-cancelled annotation of each task whose image is in ``image_sizes`` (image_id -> (h, w)).
 
-    Tasks of other images (earlier rounds) are skipped. A malformed annotation never stops the others.
+    The annotated tasks come in one export (one request, whatever the number of tasks; not one per task).
+    Tasks of other images (earlier rounds) are skipped. A malformed annotation never stops the others: it is
+    set aside with its reason (a bad mask, a region of another type, an id that is not a number, ...), and its
+    image stays in review.
 
     Returns:
         (pulled annotations, [(image_id, reason), ...] for annotations that could not be read).
@@ -640,45 +712,89 @@ def pull_annotations(
     client = client or connect(settings)
     pulled: list[PulledAnnotation] = []
     errors: list[tuple[str, str]] = []
-    for task in _iter_tasks(client, project_id):
-        image_id = str((task.data or {}).get("image_id"))
-        if image_id not in image_sizes or not (task.total_annotations or 0):
+    for task in exported_tasks(client, project_id):
+        data = _field(task, "data")
+        image_id = str(data.get("image_id")) if isinstance(data, Mapping) else ""
+        if image_id not in image_sizes:
             continue
-        # The per-task annotations endpoint returns results exactly as they were stored.
-        annotation = latest_annotation(client.annotations.list(id=task.id))
-        if annotation is None:
-            continue
-        height, width = image_sizes[image_id]
         try:
-            mask = results_to_mask(annotation.result or [], height, width, settings.classes)
+            one = _read_task(task, image_id, image_sizes[image_id], settings.classes)
         except MalformedAnnotation as exc:
-            logger.warning(
-                "Task %d (image %s): malformed annotation %d: %s", task.id, image_id, annotation.id, exc
-            )
-            errors.append((image_id, f"task {task.id}, annotation {annotation.id}: {exc}"))
+            logger.warning("Task %s (image %s): annotation set aside: %s", _field(task, "id"), image_id, exc)
+            errors.append((image_id, f"task {_field(task, 'id')}, {exc}"))
             continue
-        updated = annotation.updated_at
-        pulled.append(
-            PulledAnnotation(
-                image_id=image_id,
-                task_id=int(task.id),
-                mask=mask,
-                annotation_id=int(annotation.id),
-                completed_by=_user_id(annotation.completed_by),
-                updated_at=updated.isoformat() if hasattr(updated, "isoformat") else updated,
-                lead_time=annotation.lead_time,
-                hand_drawn=hand_drawn_regions(annotation.result or []),
-            )
-        )
+        if one is not None:
+            pulled.append(one)
     return pulled, errors
 
 
+def exported_tasks(client: LabelStudio, project_id: int) -> list[Any]:
+    """Every annotated task of the project with its annotations (JSON export: one request)."""
+    chunks = client.projects.exports.download_sync(project_id, export_type="JSON", download_all_tasks=False)
+    raw = b"".join(chunks)
+    try:
+        tasks = json.loads(raw)
+    except ValueError as exc:
+        raise LabelStudioError(f"Label Studio's export of project {project_id} is not JSON ({exc})") from exc
+    if not isinstance(tasks, list):
+        raise LabelStudioError(f"Label Studio's export of project {project_id} is not a list of tasks")
+    return tasks
+
+
+def _read_task(
+    task: Any, image_id: str, size: tuple[int, int], classes: Sequence[str]
+) -> PulledAnnotation | None:
+    """The latest annotation of one task (None: none submitted), checked field by field.
+
+    Raises:
+        MalformedAnnotation: the task's or annotation's id is not a number, or its result is not a mask.
+    """
+    task_id = _as_int(_field(task, "id"))
+    if task_id is None:
+        raise MalformedAnnotation(f"the task id {_field(task, 'id')!r} is not a number")
+    annotations = _field(task, "annotations")
+    annotations = [] if annotations is None else annotations
+    if not isinstance(annotations, Sequence) or isinstance(annotations, (str, bytes)):
+        raise MalformedAnnotation(f"the annotations must be a list, got {type(annotations).__name__}")
+    annotation = latest_annotation(annotations)
+    if annotation is None:
+        return None
+    annotation_id = _as_int(_field(annotation, "id"))
+    if annotation_id is None:
+        raise MalformedAnnotation(f"the annotation id {_field(annotation, 'id')!r} is not a number")
+    result = _field(annotation, "result")
+    result = [] if result is None else result  # submitted with no region: the image is normal
+    try:
+        mask = results_to_mask(result, size[0], size[1], classes)
+    except MalformedAnnotation as exc:
+        raise MalformedAnnotation(f"annotation {annotation_id}: {exc}") from exc
+    updated = _field(annotation, "updated_at")
+    lead_time = _field(annotation, "lead_time")
+    return PulledAnnotation(
+        image_id=image_id,
+        task_id=task_id,
+        mask=mask,
+        annotation_id=annotation_id,
+        completed_by=_user_id(_field(annotation, "completed_by")),
+        updated_at=updated.isoformat()
+        if hasattr(updated, "isoformat")
+        else (None if updated is None else str(updated)),
+        # who and how long are bookkeeping: an odd value is dropped, the person's mask is kept
+        lead_time=float(lead_time)
+        if isinstance(lead_time, int | float) and not isinstance(lead_time, bool)
+        else None,
+        hand_drawn=hand_drawn_regions(result),
+    )
+
+
 def _user_id(completed_by: Any) -> int | None:
+    """The annotator's user id (an int, or an object with ``id``); None when absent or not a number."""
     if completed_by is None:
         return None
-    return int(completed_by if isinstance(completed_by, int) else _field(completed_by, "id"))
+    return _as_int(completed_by if isinstance(completed_by, int | str) else _field(completed_by, "id"))
 
 
+@_names_the_server
 def review_progress(
     settings: Settings, project_id: int, task_ids: Sequence[int], client: LabelStudio | None = None
 ) -> tuple[int, int]:

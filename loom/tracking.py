@@ -1,8 +1,11 @@
 """MLflow adapter: log a round's evaluation, register its student, promote a champion by alias.
 
-Tracking and the model registry live in the workspace's sqlite file (``settings.mlflow_tracking_uri``),
-artifacts under ``settings.mlflow_artifacts_dir``: no server is needed to log or to load, and
-``mlflow ui --backend-store-uri <that uri>`` shows everything.
+Where runs go (:func:`tracking_uri`): while the workspace's MLflow server (``loom up``) answers, through
+it, over its REST API, with artifacts uploaded to and served by it (``mlflow-artifacts:/``): the path a
+deployed tracking server takes. With no stack (embedded mode: a test, a laptop), straight into the
+workspace's sqlite store (``settings.mlflow_tracking_uri``, the server's own backend store) with artifacts
+in a local folder. A workspace whose artifacts the server serves needs that server: with it down, logging
+fails with :class:`TrackingError` naming it, instead of writing somewhere the server never looks.
 
 The student is registered as a pyfunc model whose only payload is the student folder
 (``config.json`` + ``model.safetensors``) under ``artifacts/``. Loom never loads it through pyfunc
@@ -17,20 +20,26 @@ MLflow skips inferring the environment.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import requests
 
 # Loom runs offline on loopback: keep MLflow from starting its usage telemetry (read at import time).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A server that is down should fail a call in seconds (the task retries it), not after MLflow's default
+# seven retries with doubling back-off (minutes).
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow
 from mlflow import MlflowClient
@@ -38,7 +47,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from loom.config import Settings
-from loom.journal import kill_point
+from loom.journal import fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +85,76 @@ class StudentArtifact(PythonModel):
 # ---- connection ---------------------------------------------------------------------------------
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class TrackingError(RuntimeError):
+    """MLflow failed or is unreachable; the message names the server or store and what to do."""
+
+
+def server_answers(settings: Settings) -> bool:
+    """Whether this workspace's own MLflow server (started by ``loom up``, not any server on that port)
+    runs and answers its health check."""
+    from loom import stack
+
+    if stack.service_pid(settings, "mlflow") is None:
+        return False
+    try:
+        return requests.get(f"{settings.mlflow_ui_url}/health", timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The workspace's MLflow server while it answers, else its sqlite store (embedded mode)."""
+    return settings.mlflow_ui_url if server_answers(settings) else settings.mlflow_tracking_uri
+
+
+def _names_the_server(fn: F) -> F:
+    """Turn MLflow's own failures in ``fn`` (first argument: the settings) into a :class:`TrackingError`
+    that names where the runs go and what to do."""
+
+    @functools.wraps(fn)
+    def wrapper(settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(settings, *args, **kwargs)
+        except (MlflowException, requests.RequestException) as err:
+            where = f"the MLflow server at {settings.mlflow_ui_url}"
+            if not server_answers(settings):
+                where = f"{where} (not answering) / the store {settings.mlflow_tracking_uri}"
+            cause = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise TrackingError(
+                f"MLflow failed in {fn.__name__} ({where}): {cause}. Check the server with `loom status` and "
+                "start it with `loom up`; an interrupted round finishes with `loom round --resume`"
+            ) from err
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _connect(settings: Settings) -> MlflowClient:
-    """Point MLflow at the workspace's store (process-wide: MLflow's fluent API needs it); return a client."""
-    db_dir = settings.stack_dir / "mlflow"
-    db_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
+    """Point MLflow at the workspace's tracking server or store (process-wide: MLflow's fluent API needs
+    it); return a client."""
+    (settings.stack_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is not None:
+        if experiment.artifact_location.startswith(
+            "mlflow-artifacts:"
+        ) and not client.tracking_uri.startswith("http"):
+            raise TrackingError(
+                f"the MLflow server at {settings.mlflow_ui_url} does not answer, and it serves this "
+                f"workspace's artifacts ({experiment.artifact_location}); start it with `loom up`, then "
+                "rerun (`loom round --resume` finishes an interrupted round)"
+            )
         return experiment.experiment_id
+    if client.tracking_uri.startswith("http"):  # the server's default: artifacts it serves
+        return client.create_experiment(EXPERIMENT_NAME)
     settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(EXPERIMENT_NAME, artifact_location=settings.mlflow_artifacts_dir.as_uri())
 
@@ -112,6 +178,7 @@ def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 # ---- logging a round ---------------------------------------------------------------------------------
 
 
+@_names_the_server
 def log_round(
     settings: Settings,
     round_no: int,
@@ -164,7 +231,7 @@ def log_round(
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
-    kill_point("mlflow:registered")
+    fault_point(f"mlflow:registered:{name}")
     for key, value in {"loom.round": str(round_no), **(version_tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)
     logger.info(
@@ -177,11 +244,13 @@ def log_round(
     return RoundRun(run_id=run.info.run_id, model_version=version, experiment_id=experiment_id)
 
 
+@_names_the_server
 def log_figure(settings: Settings, run_id: str, image: np.ndarray, artifact_file: str) -> None:
     """Add an (H, W, 3) uint8 picture to a finished run (e.g. the round curve, drawn after the run)."""
     _connect(settings).log_image(run_id, np.asarray(image), artifact_file=artifact_file)
 
 
+@_names_the_server
 def version_tagged(settings: Settings, registered: str, key: str, value: str) -> str | None:
     """The registered version of ``registered`` whose tag ``key`` is ``value`` (a model logged before)."""
     client = _connect(settings)
@@ -193,10 +262,12 @@ def version_tagged(settings: Settings, registered: str, key: str, value: str) ->
     return str(found[0].version) if found else None
 
 
+@_names_the_server
 def tag_version(settings: Settings, registered: str, version: str, key: str, value: str) -> None:
     _connect(settings).set_model_version_tag(registered, str(version), key, value)
 
 
+@_names_the_server
 def logged_version(
     settings: Settings, tags: Mapping[str, str], registered: str | None = None
 ) -> RoundRun | None:
@@ -218,6 +289,7 @@ def logged_version(
     return RoundRun(run_id=latest.run_id, model_version=str(latest.version), experiment_id=experiment_id)
 
 
+@_names_the_server
 def recover_run(
     settings: Settings, tags: Mapping[str, str], registered: str | None = None
 ) -> RoundRun | None:
@@ -249,6 +321,7 @@ def recover_run(
     return kept
 
 
+@_names_the_server
 def version_tags(settings: Settings, version: str, registered: str | None = None) -> dict[str, str]:
     """The tags of one registered version."""
     client = _connect(settings)
@@ -270,6 +343,7 @@ def _champion_version(client: MlflowClient, name: str) -> Any | None:
         raise
 
 
+@_names_the_server
 def champion(settings: Settings, registered: str | None = None) -> tuple[str, dict[str, float]] | None:
     """The version holding the ``champion`` alias and the metrics of the run that logged it; None if none."""
     client = _connect(settings)
@@ -280,6 +354,7 @@ def champion(settings: Settings, registered: str | None = None) -> tuple[str, di
     return str(current.version), run_metrics
 
 
+@_names_the_server
 def promote_if_better(
     settings: Settings,
     version: str,
@@ -320,6 +395,7 @@ def promote_if_better(
     return _record_decision(client, name, version, promoted, reason)
 
 
+@_names_the_server
 def decide_champion(
     settings: Settings,
     version: str,
@@ -354,6 +430,7 @@ def decide_champion(
     )
 
 
+@_names_the_server
 def set_champion(settings: Settings, version: str, registered: str | None = None) -> None:
     """Give ``version`` the ``champion`` alias (idempotent: setting it again changes nothing)."""
     name = registered or settings.registered_model
@@ -412,6 +489,7 @@ def _resolve_version(client: MlflowClient, settings: Settings, ref: str, name: s
     return str(ref)
 
 
+@_names_the_server
 def download_student(
     settings: Settings, ref: str = CHAMPION_ALIAS, dst: Path | None = None, registered: str | None = None
 ) -> Path:

@@ -28,14 +28,14 @@ from pathlib import Path
 import yaml
 
 from loom.config import Settings
-from loom.journal import kill_point
+from loom.journal import fault_point
 
 logger = logging.getLogger(__name__)
 
 DATA_DVC = "data.dvc"
 BRANCH = "main"
 REMOTE_NAME = "local"
-GITIGNORE_LINES = ("stack/", "dvc-remote/", "*.log", "rounds/in-progress.json")
+GITIGNORE_LINES = ("stack/", "dvc-remote/", "*.log", "rounds/in-progress.json", "quarantine/")
 # Variables that would point git at another repository than the workspace's.
 _GIT_REDIRECTS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR")
 
@@ -117,6 +117,20 @@ def _has_staged_changes(settings: Settings) -> bool:
 def _tag_commit(settings: Settings, tag: str) -> str | None:
     probe = _git(settings, "rev-parse", "--verify", "--quiet", f"refs/tags/{tag}^{{commit}}", check=False)
     return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def tagged_version(settings: Settings, round_no: int) -> RoundVersion | None:
+    """The version of a round already tagged (commit, data hash as that commit records it), else None."""
+    tag = round_tag(round_no)
+    commit = _tag_commit(settings, tag) if (settings.workspace / ".git").is_dir() else None
+    if commit is None:
+        return None
+    try:
+        outs = yaml.safe_load(file_at_tag(settings, tag, DATA_DVC))["outs"]
+        md5 = next(str(out["md5"]) for out in outs if out.get("path") == settings.data_dir.name)
+    except (VersioningError, yaml.YAMLError, KeyError, TypeError, StopIteration):
+        md5 = ""
+    return RoundVersion(tag=tag, commit=commit, data_md5=md5, pushed=0)
 
 
 def round_tags(settings: Settings) -> list[str]:
@@ -235,7 +249,7 @@ def version_round(
 
     _dvc(settings, "add", "--quiet", settings.data_dir.name)
     _git(settings, "add", DATA_DVC, ".gitignore", *relative)
-    kill_point("version:added")
+    fault_point("version:added")
     prefix = f"round {round_no:04d}"
     if tagged is not None and not force:
         if _has_staged_changes(settings):
@@ -251,10 +265,10 @@ def version_round(
         if again:
             logger.info("round %04d was committed, not tagged (interrupted): amending its commit", round_no)
         _git(settings, "commit", "--quiet", "--allow-empty", *(["--amend"] if again else []), "-m", subject)
-    kill_point("version:committed")
+    fault_point("version:committed")
     # Push before tagging: a round's tag never names data the remote lacks.
     pushed = _parse_pushed(_dvc(settings, "push"))
-    kill_point("version:pushed")
+    fault_point("version:pushed")
     if tagged is None or force:
         _git(settings, "tag", *(["--force"] if force else []), "-a", tag, "-m", _subject(settings))
     version = RoundVersion(

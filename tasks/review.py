@@ -18,8 +18,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
-from loom import labelstudio, manifest
+from loom import labelstudio, manifest, quarantine
 from loom.backend import read_interactions
 from loom.config import Settings
 from loom.imageio import read_mask, write_mask
@@ -37,6 +38,11 @@ from tasks.common import (
 )
 from tasks.pseudo_label import PseudoLabels
 from tasks.select import Selection
+
+#: Label Studio calls are retried after 5, 10, 20 and 40 s: a server restarting (a minute) does not cost the
+#: round its review; longer outages do (the round goes on without review, nothing is lost).
+LABEL_STUDIO_RETRIES = 4
+LABEL_STUDIO_BACKOFF = exponential_backoff(backoff_factor=5)
 
 
 @dataclass
@@ -91,8 +97,8 @@ def defect_probability(score: float, image_threshold: float) -> float:
 
 @task(
     name="push-to-label-studio",
-    retries=2,
-    retry_delay_seconds=5,
+    retries=LABEL_STUDIO_RETRIES,
+    retry_delay_seconds=LABEL_STUDIO_BACKOFF,
     cache_policy=ONCE_PER_ROUND,
     persist_result=True,
 )
@@ -121,7 +127,12 @@ def push_for_review(settings: Settings, labels: PseudoLabels, selection: Selecti
     return Pushed(project_id, task_ids, refreshed)
 
 
-@task(name="wait-for-review", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="wait-for-review",
+    retries=LABEL_STUDIO_RETRIES,
+    retry_delay_seconds=LABEL_STUDIO_BACKOFF,
+    cache_policy=NO_CACHE,
+)
 def wait_for_review(
     settings: Settings, project_id: int, task_ids: dict[str, int], poll_s: float = 2.0
 ) -> int:
@@ -231,8 +242,8 @@ def _register_with_relay(settings: Settings, pushed: Pushed, round_no: int) -> s
 
 @task(
     name="pull-corrections",
-    retries=2,
-    retry_delay_seconds=5,
+    retries=LABEL_STUDIO_RETRIES,
+    retry_delay_seconds=LABEL_STUDIO_BACKOFF,
     cache_policy=ONCE_PER_ROUND,
     persist_result=True,
 )
@@ -266,13 +277,12 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
         }
     )
     df = manifest.update_rows(df, reviewed)
-    if malformed:
-        reasons = settings.quarantine_dir / "annotations.csv"
-        reasons.parent.mkdir(parents=True, exist_ok=True)
-        with reasons.open("a") as f:
-            for image_id, reason in malformed:
-                f.write(f"{image_id},{project_id},{reason!r}\n")
-                log.warning("annotation of image %s set aside: %s (kept in review)", image_id, reason)
+    if malformed:  # kept with the quarantine, beside data/ (loom/quarantine.py); the image stays in review
+        where = quarantine.record_annotations(settings, project_id, malformed)
+        for image_id, reason in malformed:
+            log.warning(
+                "annotation of image %s set aside: %s (kept in review; see %s)", image_id, reason, where
+            )
     save_manifest(settings, df)
     pending = int((df["review_state"] == "queued").sum())
     export = [

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from prefect import task
 
-from loom import manifest, promotion
+from loom import journal, manifest, promotion
 from loom.config import Settings
 from loom.datasets.folder import load_labeled_folder
 from loom.imageio import read_mask
@@ -237,7 +237,11 @@ def fit_student(
         model.load_state_dict(load_student(init_from).state_dict())
     loss_fn = build_loss(name, model)
     epochs = max(rp.epochs, math.ceil(rp.train_samples / len(samples)))
-    on_epoch = lambda epoch, h: log.info("%s epoch %d: %s", name, epoch, h)  # noqa: E731
+
+    def on_epoch(epoch: int, history: dict) -> None:
+        log.info("%s epoch %d: %s", name, epoch, history)
+        journal.fault_point("train:epoch")  # the reliability tests kill a round here, mid-training
+
     start = time.perf_counter()
     if not is_anomaly_scorer(model):
         config = TrainConfig(

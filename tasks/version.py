@@ -78,10 +78,14 @@ def version_round(settings: Settings, round_no: int, record: dict[str, Any]) -> 
     `git checkout round-NNNN && dvc checkout` gives back exactly that round's data. A rerun after an
     interruption finishes the same commit and tag (:func:`loom.versioning.version_round`).
     """
+    done = versioning.tagged_version(settings, round_no)
+    if done is not None:  # a rerun after a kill once the tag was made: the round is versioned as it is
+        task_logger().info("round %d is versioned already: %s at %s", round_no, done.tag, done.commit)
+        return {"tag": done.tag, "commit": done.commit, "data_md5": done.data_md5}
     versioning.init_repo(settings)
     record = {**record, "version": {"tag": f"round-{round_no:04d}", "data_file": "data.dvc"}}
     path = write_round_record(settings, round_no, record)
-    journal.kill_point("version:recorded")
+    journal.fault_point("version:recorded")
     version = versioning.version_round(
         settings,
         round_no,

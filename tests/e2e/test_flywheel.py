@@ -20,7 +20,7 @@ from PIL import Image
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.flywheel import flywheel_round
-from loom import labelstudio, manifest, versioning
+from loom import labelstudio, manifest, tracking, versioning
 from loom.annotator import SimulatedAnnotator
 from loom.config import PROJECT_ROOT, load_settings, workspace_secret
 from loom.datasets.fabric import generate, render_sample
@@ -180,13 +180,16 @@ def test_every_configured_student_is_trained_evaluated_and_logged(flywheel):
 
 def test_mlflow_has_one_run_per_round_and_a_champion(flywheel):
     settings = flywheel["settings"]
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    # The rounds logged through the stack's tracking server, which serves their artifacts.
+    assert tracking.tracking_uri(settings) == settings.mlflow_ui_url
+    mlflow.set_tracking_uri(settings.mlflow_ui_url)
     client = MlflowClient()
     run_ids = [r["mlflow"]["run_id"] for r in flywheel["records"]]
     assert len(set(run_ids)) == 4
     for run_id in run_ids:
         run = client.get_run(run_id)
         assert {"miou", "pixel_auroc", "image_auroc"} <= set(run.data.metrics)
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     logged = {a.path for a in client.list_artifacts(run_ids[0], "overlays")}
     assert "overlays/per_class_iou.png" in logged and any(p.startswith("overlays/test_") for p in logged)
     assert "round_curve.png" in {a.path for a in client.list_artifacts(run_ids[-1])}
@@ -493,6 +496,43 @@ def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel)
     mlflow_client = MlflowClient(settings.mlflow_tracking_uri, registry_uri=settings.mlflow_tracking_uri)
     runs = [v.run_id for v in mlflow_client.search_model_versions(f"name='{settings.registered_clicker}'")]
     assert len(runs) > sum(1 for r in flywheel["records"] if r["clicker"]["version"])
+
+
+def test_no_secret_in_round_records_mlflow_logs_prefect_git_or_dvc(flywheel):
+    """After the rounds (and, in a full run, the deployment rounds above), no value of stack/secrets.env or
+    of the LOOM_* secret environment is in a round record, the MLflow store (files, params, tags), a log
+    under stack/, a Prefect flow-run log, the workspace's git history or the DVC remote."""
+    import os
+    import stat
+
+    from loom.config import secrets_path
+    from loom.secretscan import scan_workspace
+
+    settings = flywheel["settings"]
+    assert stat.S_IMODE(secrets_path(settings).stat().st_mode) == 0o600
+    # Label Studio's document root: the link to the images folder and nothing else.
+    assert os.listdir(settings.label_studio_files_root) == ["images"]
+
+    started = time.perf_counter()
+    report = scan_workspace(settings)
+    print(f"secret scan in {time.perf_counter() - started:.1f} s\n{report.summary()}")
+
+    assert report.skipped == [], report.skipped
+    # The admin token and password, the backend's password, the annotator's password at least.
+    assert report.secrets >= 4
+    assert report.per_source["rounds"]["files"] >= len(flywheel["records"])
+    assert report.runs >= len(flywheel["records"]) and report.params > 0
+    assert report.per_source["logs"]["files"] >= 5  # one per server at least
+    assert report.round_log_lines > 0 and report.log_lines >= report.round_log_lines
+    assert report.git_bytes > 0 and report.per_source["dvc"]["files"] > 0
+    assert report.hits == [], [f"{hit.secret} in {hit.where}" for hit in report.hits]
+
+    # The benchmark script is the same scan from the command line (the stack's ports are in the environment).
+    script = PROJECT_ROOT / "benchmarks" / "secret_scan.py"
+    command = [sys.executable, str(script), "--workspace", str(settings.workspace)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    print(run.stdout)
+    assert run.returncode == 0 and " 0 hits" in run.stdout, run.stdout[-3000:]
 
 
 def test_the_round_goes_on_without_review_when_label_studio_is_down(stack_settings, tmp_path, monkeypatch):

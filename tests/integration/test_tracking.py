@@ -164,3 +164,60 @@ def test_logging_needs_a_complete_student_folder(rounds: LoggedRounds, tmp_path:
     with pytest.raises(FileNotFoundError, match=r"lacks model\.safetensors"):
         tracking.log_round(rounds.settings, 9, params={}, metrics={"miou": 1.0}, model_dir=tmp_path)
     assert tracking.champion(rounds.settings)[0] == "3"
+
+
+def test_embedded_mode_writes_the_workspace_store_and_local_artifacts(rounds: LoggedRounds) -> None:
+    """No stack in this workspace: runs go to its sqlite store, artifacts to its own folder."""
+    settings = rounds.settings
+    assert tracking.tracking_uri(settings) == settings.mlflow_tracking_uri
+    assert settings.mlflow_tracking_uri.startswith("sqlite:///")
+    run = _client(settings).get_run(rounds.runs[1].run_id)
+    assert run.info.artifact_uri.startswith(settings.mlflow_artifacts_dir.as_uri())
+
+
+def test_a_half_logged_run_is_finished_or_deleted_by_the_next_try(rounds: LoggedRounds) -> None:
+    """What a kill inside log_round leaves: a run with a registered version but no version tags (finished
+    and reused), and a run with no version at all (deleted). Either way one run per key survives."""
+    settings = rounds.settings
+    client = _client(settings)
+    key = {"loom.round": "7", "loom.student": "fpn", "loom.weights_sha256": "abc"}
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME).experiment_id
+    bare = client.create_run(experiment, tags=key)  # killed before log_model
+    logged = tracking.log_round(
+        settings, 7, params={}, metrics={"miou": 0.1}, model_dir=rounds.folders[1], tags=key
+    )
+    client.delete_model_version_tag(settings.registered_model, logged.model_version, "loom.round")
+    assert tracking.logged_version(settings, key) is None  # its version lost its tags: invisible to a retry
+
+    recovered = tracking.recover_run(settings, key)
+
+    assert recovered is not None and recovered.run_id == logged.run_id
+    assert recovered.model_version == logged.model_version
+    assert tracking.logged_version(settings, key).run_id == logged.run_id
+    assert client.get_run(bare.info.run_id).info.lifecycle_stage == "deleted"
+    live = client.search_runs([experiment], filter_string="tags.`loom.round` = '7'")
+    assert [r.info.run_id for r in live] == [logged.run_id]
+
+
+def test_with_the_stack_up_runs_go_through_the_tracking_server_which_serves_the_artifacts(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """The REST path a deployed tracking server takes: the run is logged over HTTP, its artifacts are
+    uploaded to and served by the server (mlflow-artifacts:/), and read back the same way."""
+    settings = replace(stack_settings, registered_model="loom-server-mode-test")
+    assert tracking.tracking_uri(settings) == settings.mlflow_ui_url
+    folder = _student_folder(tmp_path / "student", seed=11)
+    run = tracking.log_round(settings, 1, params={"student": "fpn"}, metrics={"miou": 0.3}, model_dir=folder)
+
+    client = MlflowClient(settings.mlflow_ui_url, registry_uri=settings.mlflow_ui_url)
+    info = client.get_run(run.run_id).info
+    assert info.artifact_uri.startswith("mlflow-artifacts:")
+    weights = _digests(folder)["model.safetensors"]
+    stored = [
+        p
+        for p in settings.mlflow_artifacts_dir.rglob("model.safetensors")
+        if _digests(p.parent)[p.name] == weights
+    ]
+    assert stored, "the server keeps the uploaded artifacts in its artifacts destination"
+    downloaded = tracking.download_student(settings, run.model_version, dst=tmp_path / "back")
+    assert _digests(downloaded) == _digests(folder)
