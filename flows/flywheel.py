@@ -57,6 +57,7 @@ def run_round(settings: Settings, claimed: RoundJournal, source: str | None) -> 
     with clock.step("select"):
         selection = select_for_review(settings, labels)
     review = human_review(settings, labels, selection, clock)
+    journal.note(settings, label_studio_project=review.project_id, label_studio_tasks=review.task_ids)
     with clock.step("auto_accept"):
         accepted = auto_accept(settings, labels)
     with clock.step("fine_tune_clicker"):
@@ -71,6 +72,8 @@ def run_round(settings: Settings, claimed: RoundJournal, source: str | None) -> 
             for name in ([] if untrained else settings.round.students)
         ]
     trained = evaluate_and_promote(settings, round_no, students, clock) if students else None
+    if trained:
+        journal.note(settings, mlflow_runs=trained.promotion.runs)
 
     record = {
         "round": round_no,
@@ -136,6 +139,7 @@ def run_round(settings: Settings, claimed: RoundJournal, source: str | None) -> 
     with clock.step("version"):
         record["step_seconds"] = clock.seconds  # everything but versioning itself
         version = version_round(settings, round_no, record)
+    journal.note(settings, git=version)
     with clock.step("publish"):
         if trained:
             publish_champion(settings, trained.promotion)

@@ -208,6 +208,15 @@ def mark(settings: Settings, step: str, phase: str, **ids: Any) -> None:
     fault_point(f"{step}:{phase}")
 
 
+def note(settings: Settings, **ids: Any) -> None:
+    """Add ids the round in progress created in other services (Label Studio tasks, MLflow runs, commits),
+    so a person looking at an interrupted round sees what it left where."""
+    journal = load(settings)
+    if journal is not None:
+        journal.ids.update(ids)
+        save(settings, journal)
+
+
 def fault_point(name: str) -> None:
     """Fault injection for the reliability tests, at a named point of the round.
 

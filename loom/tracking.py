@@ -144,9 +144,8 @@ def _connect(settings: Settings) -> MlflowClient:
 def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is not None:
-        if experiment.artifact_location.startswith(
-            "mlflow-artifacts:"
-        ) and not client.tracking_uri.startswith("http"):
+        served = experiment.artifact_location.startswith("mlflow-artifacts:")
+        if served and not client.tracking_uri.startswith("http"):
             raise TrackingError(
                 f"the MLflow server at {settings.mlflow_ui_url} does not answer, and it serves this "
                 f"workspace's artifacts ({experiment.artifact_location}); start it with `loom up`, then "

@@ -82,7 +82,7 @@ def line(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
     src = tmp_path_factory.mktemp("line")
     batches = [
         generate(src / f"b{i}", n_images=10, size=64, defect_fraction=0.4, test_fraction=0.2, seed=60 + i)
-        for i in range(3)
+        for i in range(5)  # new images for: the kill at ingest, two rounds at once (2), Label Studio down (2)
     ]
     truth = GroundTruth(batches, len(settings.classes))
 
@@ -282,7 +282,8 @@ def test_label_studio_down_for_a_minute_costs_nothing(line: Line, step: str) -> 
     settings = line.settings
     annotated_before = annotated_images(settings, line.project_id)
     round_no = versioning_next(settings)
-    process = start_round(settings, **{journal.STOP_AT_ENV: f"{step}:start"})
+    source = line.batches[3 if step == "push_to_label_studio" else 4]  # new images: something to review
+    process = start_round(settings, source, **{journal.STOP_AT_ENV: f"{step}:start"})
     wait_stopped(process)
     stack.stop(settings, ["labelstudio"])
     down_at = time.monotonic()

@@ -22,12 +22,14 @@ def test_a_new_round_is_claimed_and_an_interrupted_one_is_taken_up_again(setting
     journal.mark(settings, "ingest", "start")
     journal.mark(settings, "ingest", "done", project_id=7)
     journal.mark(settings, "train", "start")
+    journal.note(settings, mlflow_runs={"fpn": {"run_id": "r1"}})
 
     assert next_round_number(settings) == 1  # the round in progress, not the next one
     again = journal.claim(settings, 99, "run-b")
     assert again.round_no == 1 and again.claim == first.claim
     assert again.flow_runs == ["run-a", "run-b"] and again.reached == "train"
-    assert again.steps == {"ingest": "done", "train": "start"} and again.ids == {"project_id": 7}
+    assert again.steps == {"ingest": "done", "train": "start"}
+    assert again.ids == {"project_id": 7, "mlflow_runs": {"fpn": {"run_id": "r1"}}}
 
     journal.finish(settings, 1)
     assert journal.load(settings) is None
