@@ -240,6 +240,17 @@ class Progress:
 
     ``advance()`` after each item (``set_completed`` where the loop knows its count), ``note`` for a short
     cheap extra such as the loss. Work that ends early (a time cap, an error) says so in its last line.
+
+    Args:
+        description: what is being done, the start of every line (``"pseudo-label"``).
+        total: how many items the loop will do; None when it cannot know (no ETA then). With 0 or 1 item
+            nothing is shown (a caller passes 0 to switch progress off).
+        unit: the items' plural noun (``"images"``, ``"steps"``, ``"pairs"``).
+        log: where lines go; default Prefect's run logger inside a run, else the ``loom.progress`` logger.
+        interval_s: least seconds between two lines (default ``$LOOM_PROGRESS_INTERVAL_S`` or 30 s).
+        clock: monotonic seconds (a fake one in tests).
+        terminal: draw a bar instead of writing lines (default: when stderr is a terminal and no Prefect
+            run is active).
     """
 
     def __init__(
@@ -351,30 +362,8 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def progress(
-    description: str,
-    total: int | None,
-    unit: str = "images",
-    *,
-    log: LoggerLike | None = None,
-    interval_s: float | None = None,
-    clock: Callable[[], float] = time.monotonic,
-    terminal: bool | None = None,
-) -> Progress:
-    """A :class:`Progress` for ``total`` items (None: unknown); ``with progress(...) as bar: bar.advance()``.
-
-    Args:
-        description: what is being done, the start of every line (``"pseudo-label"``).
-        total: how many items the loop will do; None when it cannot know (no ETA then). With 0 or 1 item
-            nothing is shown (a caller passes 0 to switch progress off).
-        unit: the items' plural noun (``"images"``, ``"steps"``, ``"pairs"``).
-        log: where lines go; default Prefect's run logger inside a run, else the ``loom.progress`` logger.
-        interval_s: least seconds between two lines (default ``$LOOM_PROGRESS_INTERVAL_S`` or 30 s).
-        clock: monotonic seconds (a fake one in tests).
-        terminal: draw a bar instead of writing lines (default: when stderr is a terminal and no Prefect
-            run is active).
-    """
-    return Progress(description, total, unit, log=log, interval_s=interval_s, clock=clock, terminal=terminal)
+#: ``with progress("pseudo-label", n) as bar: bar.advance()``: the class under the name its callers read.
+progress = Progress
 
 
 def track(

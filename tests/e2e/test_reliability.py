@@ -111,9 +111,12 @@ def line(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory):
 # ---- running `loom round` ---------------------------------------------------------------------------
 
 
-def start_round(settings: Settings, source: Path | None = None, **env: str) -> subprocess.Popen:
+def start_round(
+    settings: Settings, source: Path | None = None, resume: bool = False, **env: str
+) -> subprocess.Popen:
     args = [str(LOOM), "round", "--workspace", str(settings.workspace)]
     args += ["--source", str(source)] if source else []
+    args += ["--resume"] if resume else []
     return subprocess.Popen(
         args,
         env={**os.environ, **env},
@@ -128,8 +131,10 @@ def finish(process: subprocess.Popen, timeout_s: float = 900) -> tuple[int, str,
     return process.returncode, out, err
 
 
-def run_round(settings: Settings, source: Path | None = None, **env: str) -> tuple[int, str, str]:
-    return finish(start_round(settings, source, **env))
+def run_round(
+    settings: Settings, source: Path | None = None, resume: bool = False, **env: str
+) -> tuple[int, str, str]:
+    return finish(start_round(settings, source, resume, **env))
 
 
 def wait_stopped(process: subprocess.Popen, timeout_s: float = 600) -> None:
@@ -244,7 +249,8 @@ def test_a_round_killed_at_any_point_is_finished_by_the_next_run(line: Line, poi
     assert versioning.round_tag(round_no) not in versioning.round_tags(settings) or point == "publish:start"
 
     started = time.monotonic()
-    code, out, err = run_round(settings, source)  # a plain rerun, as the next trigger would be
+    # The next trigger: a plain `loom round`, or `loom round --resume` as a person would type it.
+    code, out, err = run_round(settings, source, resume=point.startswith("version"))
     rerun_s = time.monotonic() - started
     assert code == 0, err[-3000:]
     assert f"round {round_no}:" in out

@@ -128,3 +128,13 @@ def test_atomic_writes_never_leave_a_partial_file(settings: Settings) -> None:
     journal.write_atomic(path, "one")
     journal.write_atomic(path, "two")
     assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_resume_without_a_round_in_progress_says_so(settings: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from loom.cli import app
+
+    result = CliRunner().invoke(app, ["round", "--workspace", str(settings.workspace), "--resume"])
+    assert result.exit_code == 2
+    assert "no round is in progress" in result.output and "nothing to resume" in result.output
