@@ -373,6 +373,44 @@ def datasets_generate(
     typer.echo(f"dataset written to {path}")
 
 
+@datasets_app.command("linescan")
+def datasets_linescan(
+    out: Path = typer.Option(..., "--out", help="Output dataset folder."),
+    frames: int = typer.Option(100, min=1, help="Number of line-scan frames."),
+    width: int = typer.Option(4096, help="Frame width (across the cloth), px."),
+    height: int = typer.Option(256, help="Frame height (along the cloth), px."),
+    size: list[str] = typer.Option(
+        None, help="WIDTHxHEIGHT, repeatable (e.g. --size 4096x256 --size 8192x512); frames cycle sizes."
+    ),
+    defect_fraction: float = typer.Option(2 / 3),
+    test_fraction: float = typer.Option(0.25),
+    seed: int = typer.Option(0),
+    workers: int = typer.Option(2, min=1, help="Render processes."),
+) -> None:
+    """Write the procedural line-scan set (grayscale frames across the whole cloth; for benchmarks, tests)."""
+    from loom.datasets.fabric.linescan import generate_line_scan
+
+    sizes = []
+    for item in size or []:
+        try:
+            w, h = (int(v) for v in item.lower().split("x"))
+        except ValueError as err:
+            raise typer.BadParameter(f"--size {item!r}: expected WIDTHxHEIGHT, e.g. 4096x256") from err
+        sizes.append((w, h))
+    path = generate_line_scan(
+        out,
+        n_frames=frames,
+        width=width,
+        height=height,
+        defect_fraction=defect_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        sizes=sizes or None,
+        workers=workers,
+    )
+    typer.echo(f"line-scan set written to {path} (fabric regions in frames.json)")
+
+
 @datasets_app.command("import")
 def datasets_import(
     src: Path = typer.Argument(..., help="Source folder."),
