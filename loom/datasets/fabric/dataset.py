@@ -322,21 +322,7 @@ def generate(
     squares = [(stem, present) for stem, _, present in rows if stem.startswith("fabric_")]
     test = _choose_test(plan, squares, test_fraction, cover_all=n_images >= 100)
     shapes = {job.stem: (job.width, job.height) for job in jobs}
-    table = pd.DataFrame(
-        {
-            "image_id": [image_id for _, image_id, _ in rows],
-            "path": [f"images/{stem}.png" for stem, _, _ in rows],
-            "width": [shapes[stem][0] for stem, _, _ in rows],
-            "height": [shapes[stem][1] for stem, _, _ in rows],
-            "source": SOURCE,
-            "split": ["test" if stem in test else "train" for stem, _, _ in rows],
-            "round": 0,
-            "label_source": ["human" if stem in test else "none" for stem, _, _ in rows],
-            "classes": [",".join(present) for _, _, present in rows],
-            "review_state": ["reviewed" if stem in test else "none" for stem, _, _ in rows],
-        }
-    )
-    manifest.save(manifest.normalize(table), out_dir / "manifest.parquet")
+    write_manifest(out_dir, rows, shapes, test, SOURCE)
     logger.info(
         "fabric dataset: %d images (%d defective, %d test) and %d line-scan frames in %s",
         n_images,
@@ -358,3 +344,29 @@ def _run_jobs(jobs: Sequence[_Job], workers: int) -> list[tuple[str, bytes, byte
     # spawn, not fork: the caller may hold threads (Prefect, servers) that a fork would copy mid-state
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         return list(pool.map(_render_job, jobs, chunksize=8))
+
+
+def write_manifest(
+    out_dir: Path,
+    rows: Sequence[tuple[str, str, Sequence[str]]],
+    shapes: dict[str, tuple[int, int]],
+    test: set[str] | Sequence[str],
+    source: str,
+) -> None:
+    """``manifest.parquet`` of a generated set: rows are (stem, image_id, classes present), shapes stem ->
+    (width, height); the ``test`` stems are human-verified test images, the rest unlabeled train images."""
+    table = pd.DataFrame(
+        {
+            "image_id": [image_id for _, image_id, _ in rows],
+            "path": [f"images/{stem}.png" for stem, _, _ in rows],
+            "width": [shapes[stem][0] for stem, _, _ in rows],
+            "height": [shapes[stem][1] for stem, _, _ in rows],
+            "source": source,
+            "split": ["test" if stem in test else "train" for stem, _, _ in rows],
+            "round": 0,
+            "label_source": ["human" if stem in test else "none" for stem, _, _ in rows],
+            "classes": [",".join(present) for _, _, present in rows],
+            "review_state": ["reviewed" if stem in test else "none" for stem, _, _ in rows],
+        }
+    )
+    manifest.save(manifest.normalize(table), out_dir / "manifest.parquet")

@@ -36,10 +36,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES
 from loom.datasets.fabric.dataset import (
     _choose_test,
@@ -49,6 +47,7 @@ from loom.datasets.fabric.dataset import (
     class_mask,
     kind_to_class,
     png_bytes,
+    write_manifest,
 )
 from loom.datasets.fabric.defects import _DEFECT_RENDERERS, _add_tube, _changed, _yarn_line
 from loom.datasets.fabric.render import _apply_stains, _compose, _draw_tubes
@@ -730,21 +729,7 @@ def generate_line_scan(
 
     test = _choose_test(plan, [(s, p) for s, _, p in rows], test_fraction, cover_all=n_frames >= 20)
     shape_of = {job.stem: (job.width, job.height) for job in jobs}
-    table = pd.DataFrame(
-        {
-            "image_id": [image_id for _, image_id, _ in rows],
-            "path": [f"images/{stem}.png" for stem, _, _ in rows],
-            "width": [shape_of[stem][0] for stem, _, _ in rows],
-            "height": [shape_of[stem][1] for stem, _, _ in rows],
-            "source": f"{SOURCE}-linescan",
-            "split": ["test" if stem in test else "train" for stem, _, _ in rows],
-            "round": 0,
-            "label_source": ["human" if stem in test else "none" for stem, _, _ in rows],
-            "classes": [",".join(present) for _, _, present in rows],
-            "review_state": ["reviewed" if stem in test else "none" for stem, _, _ in rows],
-        }
-    )
-    manifest.save(manifest.normalize(table), out_dir / "manifest.parquet")
+    write_manifest(out_dir, rows, shape_of, test, f"{SOURCE}-linescan")
     logger.info(
         "line-scan set: %d frames (%d defective, %d test) in %s", n_frames, len(defective), len(test), out_dir
     )
