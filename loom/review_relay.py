@@ -31,6 +31,7 @@ from uuid import UUID
 from prefect.input import RunInput
 
 from loom.config import Settings
+from loom.journal import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +91,7 @@ def save_pending(settings: Settings, review: PendingReview) -> Path:
     folder = pending_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{review.flow_run_id}.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(asdict(review)))
-    partial.replace(path)
+    write_atomic(path, json.dumps(asdict(review)))
     return path
 
 

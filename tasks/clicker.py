@@ -29,6 +29,7 @@ from loom.clicking import (
 )
 from loom.config import Settings
 from loom.imageio import read_mask
+from loom.journal import write_atomic
 from models.clicker import ClickPredictor, NocObject, Segmenter, evaluate_noc, split_objects
 from models.clicker.noc import STARTS
 from tasks.common import human_labeled, image_of, once_per_round, pseudo_mask_path, task_logger
@@ -231,7 +232,4 @@ def fine_tune_round_clicker(settings: Settings, round_no: int, suffix: str = "")
 def write_pointer(settings: Settings, version: str, model_dir: Path, round_no: int) -> None:
     """The backend's champion pointer, replaced atomically (it reloads on the file's modification time)."""
     pointer = champion_clicker_pointer(settings)
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": version, "model_dir": str(model_dir), "round": round_no}))
-    tmp.replace(pointer)
+    write_atomic(pointer, json.dumps({"version": version, "model_dir": str(model_dir), "round": round_no}))
