@@ -54,7 +54,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup
-	$(VENV)/bin/python -m loom.bench
+	$(VENV)/bin/python -m app.bench
 
 # anomalib, to compare the open_clip teacher with its WinCLIP (benchmarks/openclip_cost.py), in a venv of its
 # own that also sees the project's packages (a relative .pth line): its [clip] extra pins an older open_clip.

@@ -8,7 +8,7 @@ every method on the same simulated clicks (models/clicker/noc.py):
 
 - GrabCut with the clicks in the clicker's zoom crop,
 - the teacher's anomaly map grown from the clicks,
-- the pre-trained clicker (``loom.clicking.pretrain_clicker``, cached under ``--work``),
+- the pre-trained clicker (``loom.stages.clicking.pretrain_clicker``, cached under ``--work``),
 - that clicker fine-tuned on the true masks of the first 24 train images with defects (one round's
   reviews), with the teacher's pre-annotations as the masks people corrected.
 
@@ -58,7 +58,7 @@ def load_split(data: Path, split: str) -> tuple[list[str], list[np.ndarray], lis
     """Stems, images and class masks of one split (manifest order)."""
     import pandas as pd
 
-    from loom.imageio import read_image, read_mask
+    from loom.data.imageio import read_image, read_mask
 
     classes = json.loads((data / "classes.json").read_text())
     rows = pd.read_parquet(data / "manifest.parquet")
@@ -72,8 +72,8 @@ def load_split(data: Path, split: str) -> tuple[list[str], list[np.ndarray], lis
 def teacher_annotations(data: Path, work: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], str]:
     """stem -> (pre-annotation mask, anomaly map) of the backbone teacher zero-shot over all images, and
     a line saying what ran (cached in ``work/teacher.npz``)."""
-    from loom.clicking import teacher_prelabels
     from loom.config import Settings
+    from loom.stages.clicking import teacher_prelabels
 
     cache = work / "teacher.npz"
     if cache.is_file():
@@ -111,7 +111,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 def recipe_for(config: str, steps: int | None, train: dict | None = None, model: dict | None = None):
     """The named pre-training recipe; with ``steps``, the same one with that many optimiser steps in all;
     ``train`` / ``model`` override ClickTrainConfig / ClickerConfig fields (recipe sweeps)."""
-    from loom.clicking import RECIPES
+    from loom.stages.clicking import RECIPES
 
     recipe = RECIPES[config]
     recipe = replace(recipe, train={**recipe.train, **(train or {})}, model={**recipe.model, **(model or {})})
@@ -124,7 +124,7 @@ def recipe_for(config: str, steps: int | None, train: dict | None = None, model:
 
 
 def noc(args: argparse.Namespace) -> dict:
-    from loom.clicking import (
+    from loom.stages.clicking import (
         build_methods,
         evaluate_objects,
         fine_tune_clicker,
@@ -263,8 +263,8 @@ def latency_row(first: list[float], follow: list[float]) -> dict:
 
 def latency(args: argparse.Namespace) -> dict:
     """p50 / p95 of first and follow-up clicks per frame shape."""
-    from loom.clicking import pretrain_clicker
     from loom.datasets.fabric import render_sample
+    from loom.stages.clicking import pretrain_clicker
     from models.clicker import Click, ClickPredictor
 
     model_dir = args.model or pretrain_clicker(
@@ -308,11 +308,11 @@ def http_latency(args: argparse.Namespace) -> dict:
     import requests
     import yaml
 
-    from loom import labelstudio as ls
-    from loom.clicking import pretrain_clicker, pretrained_clicker_root
     from loom.config import PROJECT_ROOT, load_settings
+    from loom.data.imageio import write_png
     from loom.datasets.fabric import render_sample
-    from loom.imageio import write_png
+    from loom.services import labelstudio as ls
+    from loom.stages.clicking import pretrain_clicker, pretrained_clicker_root
 
     model_dir = args.model or pretrain_clicker(
         args.work / "cache",
@@ -422,13 +422,13 @@ def format_latency(result: dict) -> str:
 
 
 def main() -> None:
-    from loom.clicking import FINE_TUNE_LR
+    from loom.stages.clicking import FINE_TUNE_LR
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--work", type=Path, required=True, help="data, teacher maps and models (reused)")
-    parser.add_argument("--config", default="default", help="pre-training recipe of loom.clicking")
+    parser.add_argument("--config", default="default", help="pre-training recipe of loom.stages.clicking")
     parser.add_argument("--steps", type=int, help="pre-training steps instead of the recipe's")
     parser.add_argument(
         "--train", nargs="*", default=[], metavar="KEY=VALUE", help="ClickTrainConfig overrides (sweeps)"
@@ -491,7 +491,7 @@ def main() -> None:
             )
             + "\n"
         )
-        from loom.clicking import format_table
+        from loom.stages.clicking import format_table
 
         titles = TITLES | {name: f"Defect-Click {name}" for name in result["methods"] if "seed" in name}
         print(format_table(result, titles))

@@ -9,7 +9,7 @@ round's optimiser settings, ``--crops`` crops, the seed as training seed) and ar
 (never trained on) with tasks.train.evaluate_on:
 
 - ``none``: the labeled images and the normals;
-- ``copy_paste``: plus ``--synthetic`` pairs of ``loom.augment.synthesise("copy_paste")``;
+- ``copy_paste``: plus ``--synthetic`` pairs of ``loom.stages.augment.synthesise("copy_paste")``;
 - ``defect_gen``: plus ``--synthetic`` pairs of ``synthesise("defect_gen")`` (preset ``--preset``), most
   for the rarest class as the round splits them. Defect-Gen trains from scratch on each seed's labeled set
   (``train_defect_gen(warm_start=False)``, cached under ``--work/defect-gen`` by the content hash of that
@@ -19,7 +19,7 @@ round's optimiser settings, ``--crops`` crops, the seed as training seed) and ar
 Synthetic pairs weigh SOURCE_WEIGHTS["synthetic"], human ones SOURCE_WEIGHTS["human"] (tasks/train.py).
 
 In the ``defect_gen`` arm, classes whose median labeled defect does not fit the generator's inpainting square
-are copy-pasted, as in the round (``loom.augment.generator_fits``; ``--generate-all``: not); the sample
+are copy-pasted, as in the round (``loom.stages.augment.generator_fits``; ``--generate-all``: not); the sample
 quality below judges the generated pairs only.
 
 Sample quality (first seed only): (a) mask-image consistency, the IoU of the defect pixels that an oracle
@@ -79,9 +79,9 @@ def load_data(work: Path) -> tuple:
     """(train FolderData, test images, test masks) of the embedded dataset, generated once into work."""
     import pandas as pd
 
-    from loom.augment import load_folder
     from loom.config import DEFAULT_CLASSES
-    from loom.imageio import read_image, read_mask
+    from loom.data.imageio import read_image, read_mask
+    from loom.stages.augment import load_folder
 
     data = work / "fabric"
     if not (data / "manifest.parquet").is_file():
@@ -138,7 +138,7 @@ def generator_config(args: argparse.Namespace):
 
 def make_pairs(arm: str, args: argparse.Namespace, seed: int, labeled: tuple, classes, normals) -> tuple:
     """(Synthesis, info) of one augmented arm for one seed."""
-    from loom.augment import TRAINING_REPORT, synthesise, train_defect_gen
+    from loom.stages.augment import TRAINING_REPORT, synthesise, train_defect_gen
 
     images, masks = labeled
     info: dict = {}
@@ -331,8 +331,8 @@ def kid(x: np.ndarray, y: np.ndarray, subsets: int = KID_SUBSETS, size: int = KI
 
 
 def sample_quality(args: argparse.Namespace, train, test_images, test_masks, made: dict) -> dict:
-    from loom.augment import sample_grid
-    from loom.imageio import write_png
+    from loom.data.imageio import write_png
+    from loom.stages.augment import sample_grid
     from models.student.registry import load_student
     from models.student.training import predict_images
 
@@ -511,8 +511,8 @@ def format_cost(result: dict, arms: list[str]) -> str:
 # Main
 # ---------------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
-    from loom.augment import instance_counts
     from loom.config import load_settings
+    from loom.stages.augment import instance_counts
     from tasks.train import SOURCE_WEIGHTS
 
     train, test_images, test_masks = load_data(args.work)

@@ -7,13 +7,14 @@ No servers: every arm runs the round's own pieces in one process, on the same da
   split, ``loom dataset`` layout; default: the embedded fabric data, generated once under ``--work``);
 - the teacher (the backbone teacher, zero-shot, fitted each round on the pool so far: shared by the arms,
   whose pools are the same); its regions named per arm by prototypes of that arm's human-labeled defects
-  (loom.teachers.name_predictions) and the arm's review uncertainty (tasks.pseudo_label.review_uncertainty);
+  (loom.stages.teachers.name_predictions) and the arm's review uncertainty
+  (tasks.pseudo_label.review_uncertainty);
 - review: per round ``--budget`` images; ``--audit`` of them drawn uniformly at random among the candidates
   auto-accept may take (the calibration audit, the same for every arm), the rest by the arm's strategy
-  (loom.selection). The simulated annotator answers with the true mask (a review = the truth, as after
+  (loom.stages.selection). The simulated annotator answers with the true mask (a review = the truth, as after
   Defect-Click and painting). Candidates that calibrated auto-accept already passes are not sent;
-- calibrated auto-accept (loom.calibration.accept at ``--risk``) on the arm's audits; the true error of what
-  it accepted is measured against the truth;
+- calibrated auto-accept (loom.stages.calibration.accept at ``--risk``) on the arm's audits; the true error
+  of what it accepted is measured against the truth;
 - the student (fpn, the round's optimiser, ``--crops`` crops of ``--crop-size`` px, the seed as training seed)
   trains on human masks + accepted pseudo-labels (tasks.train weights and ignore rule) and is scored on the
   frozen test split (tasks.train.evaluate_on); its masks of the next round's pool give the disagreement;
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_seed(args: argparse.Namespace, seed: int, train: list, test: list) -> list[dict]:
     from loom.config import load_settings
-    from loom.embeddings import image_embeddings
-    from loom.teachers import build_teacher
+    from loom.stages.embeddings import image_embeddings
+    from loom.stages.teachers import build_teacher
 
     settings = load_settings(
         args.work / "ws", image_size=args.crop_size, train_samples=args.crops, epochs=1, seed=seed
@@ -179,8 +180,8 @@ def run_seed(args: argparse.Namespace, seed: int, train: list, test: list) -> li
 
 def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings, teacher, test) -> dict:
     """One round of one arm: select, review, calibrate, accept, train, evaluate."""
-    from loom import calibration, selection
-    from loom.teachers import build_prototypes, name_predictions
+    from loom.stages import calibration, selection
+    from loom.stages.teachers import build_prototypes, name_predictions
     from tasks.pseudo_label import review_uncertainty
     from tasks.train import SOURCE_WEIGHTS, evaluate_on, fit_student, pseudo_training_mask
 

@@ -29,8 +29,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(PROJECT_ROOT))  # tests.fuzzset: the generator the tests use
     from loom.config import load_settings
+    from loom.data.ingest import ingest_folder
     from loom.datasets.fabric import generate
-    from loom.ingest import ingest_folder
     from tests.fuzzset import ADDED, DUPLICATE, QUARANTINED, entries_below, pipes_guarded, write_fuzz_set
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -2,8 +2,9 @@
 
 The round's student (``--student``, the round's optimiser settings and ``--crops``) is trained on the train
 split of the embedded fabric data (params.yaml dataset, true masks) once per seed of ``--seeds``; every
-ordered pair of seeds is then judged by loom.promotion.decide on the frozen test split, at ``min_gain`` 0
-and at the round's ``promote_min_gain``. A gate that is right about noise promotes none of them.
+ordered pair of seeds is then judged by loom.evaluation.promotion.decide on the frozen test split, at
+``min_gain`` 0 and at the round's ``promote_min_gain``. A gate that is right about noise promotes none of
+them.
 
     python benchmarks/promotion_noise.py --work /tmp/gate-noise                 # 3 seeds, 2,400 crops
     python benchmarks/promotion_noise.py --work /tmp/gate-noise --crops 1200 --seeds 0 1 2 3
@@ -18,10 +19,10 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loom import promotion
     from loom.config import load_settings
     from loom.datasets.fabric import generate
     from loom.datasets.folder import load_labeled_folder
+    from loom.evaluation import promotion
     from tasks.train import SOURCE_WEIGHTS, evaluate_on, fit_student
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

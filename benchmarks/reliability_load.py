@@ -49,11 +49,11 @@ def free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loom import labelstudio, stack
-    from loom.annotator import SimulatedAnnotator
+    from app.demo import GroundTruth
     from loom.config import load_settings, workspace_secret
     from loom.datasets.fabric import generate
-    from loom.demo import GroundTruth
+    from loom.services import labelstudio, stack
+    from loom.services.annotator import SimulatedAnnotator
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="scratch folder (emptied first)")

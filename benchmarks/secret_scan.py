@@ -1,4 +1,5 @@
-"""Scan a workspace for its own secrets and print what was scanned and how many hits (loom/secretscan.py).
+"""Scan a workspace for its own secrets and print what was scanned and how many hits
+(loom/services/secretscan.py).
 
 The Prefect flow-run logs are read from the workspace's Prefect server, so its stack should be up (the
 ports come from LOOM_*_PORT or params.yaml as for every Loom command); without it the Prefect source is
@@ -19,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loom.config import load_settings
-from loom.secretscan import SOURCES, scan_workspace
+from loom.services.secretscan import SOURCES, scan_workspace
 
 
 def main(argv: list[str] | None = None) -> int:

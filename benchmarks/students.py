@@ -3,7 +3,7 @@
 Embedded fabric data (the params.yaml dataset: 240 images, 256 px, defect share 0.3, frozen test split
 0.25): each student is trained on all train images with their true masks (what people would have labeled
 after enough rounds; anomaly scorers use the defect-free ones), with the round's optimiser settings and
-`--crops` random crops, then evaluated on the test split with loom.metrics.evaluate_segmentation.
+`--crops` random crops, then evaluated on the test split with loom.evaluation.metrics.evaluate_segmentation.
 conformal-clip-data (2,000 simulated 250 x 250 textile surfaces, image labels only): the anomaly scorers
 learn from `--nominal-train` nominal images and are scored on held-out nominal images against local and
 against global defects (image AUROC); supervised students need masks this data does not have.
@@ -13,11 +13,18 @@ benchmarks/student_speed.py.
 
     python benchmarks/students.py --data /tmp/fabric          # all models, markdown tables
     python benchmarks/students.py --data /tmp/fabric --models bafpn cfa --crops 600   # a quicker look
+    python benchmarks/students.py --data /tmp/fabric --models rd4ad uninet --before HEAD --seeds 0 1 2
+
+`--before REV` exports the tree at git revision REV (`git archive`, the working tree is not touched) and
+runs every row a second time with that tree's own benchmarks/students.py as the child, its folder first
+on PYTHONPATH: same data, crops and seed; those rows are labelled `<model>@<short REV>`. `--seeds` runs
+each row once per seed and adds a mean row.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -25,6 +32,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,8 +86,8 @@ def fabric(variant: str, data: Path, crops: int, seed: int = 0) -> dict[str, flo
     """Train on the embedded train split, evaluate on its test split."""
     import pandas as pd
 
-    from loom.imageio import read_image, read_mask
-    from loom.metrics import evaluate_segmentation
+    from loom.data.imageio import read_image, read_mask
+    from loom.evaluation.metrics import evaluate_segmentation
     from models.student.training import predict_images
 
     classes = json.loads((data / "classes.json").read_text())
@@ -141,8 +150,8 @@ def conformal(variant: str, nominal_train: int, per_kind: int, crops: int) -> di
     """
     import conformal_clip_data as ccd
 
-    from loom.imageio import read_image
-    from loom.metrics import image_auroc
+    from loom.data.imageio import read_image
+    from loom.evaluation.metrics import image_auroc
     from models.student.training import predict_images
 
     rng = np.random.default_rng(0)
@@ -183,6 +192,26 @@ def run_child(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def export_revision(rev: str, into: Path) -> tuple[str, Path]:
+    """The tree at git revision ``rev`` of this repository, unpacked under ``into``: (short rev, root)."""
+    repo = Path(__file__).resolve().parents[1]
+    short = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--short", rev], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    root = into / short
+    root.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev], capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(root, filter="data")
+    return short, root
+
+
+def mean_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of every numeric key present in all rows."""
+    keys = set.intersection(*(set(r) for r in rows))
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys if isinstance(rows[0][k], int | float)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,6 +227,12 @@ def main() -> None:
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="training seed of the embedded-data rows")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="several training seeds: one row per seed plus a mean row"
+    )
+    parser.add_argument(
+        "--before", metavar="REV", help="also run every row on the code at git revision REV (`<model>@REV`)"
+    )
     parser.add_argument("--skip-conformal", action="store_true")
     parser.add_argument("--skip-fabric", action="store_true", help="only the conformal-clip-data rows")
     parser.add_argument("--child", choices=["fabric", "conformal"], help=argparse.SUPPRESS)
@@ -211,13 +246,28 @@ def main() -> None:
 
         generate(args.data, n_images=240, size=256, defect_fraction=0.3, test_fraction=0.25, seed=0)
 
-    def child(kind: str, model: str) -> dict[str, float]:
-        command = [sys.executable, __file__, "--child", kind, "--model", model, "--data", str(args.data)]
-        command += ["--crops", str(args.crops), "--threads", str(args.threads), "--seed", str(args.seed)]
+    seeds = args.seeds or [args.seed]
+    # (label, model, tree): the current code, then the same model at --before REV.
+    versions: list[tuple[str, Path | None]] = [("", None)]
+    workdir = tempfile.TemporaryDirectory(prefix="students-before-") if args.before else None
+    if workdir is not None:
+        short, root = export_revision(args.before, Path(workdir.name))
+        versions.append((f"@{short}", root))
+    rows = [(f"{model}{suffix}", model, tree) for model in args.models for suffix, tree in versions]
+
+    def child(kind: str, model: str, tree: Path | None = None, seed: int = args.seed) -> dict[str, float]:
+        """One row in a fresh process; ``tree``: an exported old tree whose own script runs the row."""
+        script = Path(__file__) if tree is None else tree / "benchmarks" / "students.py"
+        command = [sys.executable, str(script), "--child", kind, "--model", model, "--data", str(args.data)]
+        command += ["--crops", str(args.crops), "--threads", str(args.threads), "--seed", str(seed)]
         command += ["--nominal-train", str(args.nominal_train), "--per-kind", str(args.per_kind)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        env, cwd = None, None
+        if tree is not None:  # the old tree's packages first; the venv's editable install comes after
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+            cwd = tree
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
         if done.returncode != 0:
-            raise SystemExit(f"{model} ({kind}) failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{model} ({kind}, {tree or 'current tree'}) failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     from student_speed import cpu_name  # a sibling script: the benchmarks folder is on sys.path
@@ -228,23 +278,32 @@ def main() -> None:
     print(
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads\n"
     )
+    if args.before:
+        print(f"Rows `<model>@{versions[-1][0][1:]}` run the code of git revision `{args.before}`.\n")
     print(
         f"Embedded fabric test split (60 images), trained on the 180 train images' true masks, {args.crops} "
-        f"crops each, seed {args.seed} (defect IoU: any-defect pixels, the class ignored; anomaly scorers "
-        "only mark `defect`):\n"
+        f"crops each, seed {' '.join(map(str, seeds))} (defect IoU: any-defect pixels, the class ignored; "
+        "anomaly scorers only mark `defect`):\n"
     )
-    print("| model | pixel AUROC | AUPRO@0.3 | defect IoU | mIoU | " + " | ".join(f"IoU {c}" for c in names)
-          + " | image AUROC | params (M) | train s | peak RSS MB |")  # fmt: skip
-    print("|---" * (9 + len(names)) + "|", flush=True)
-    for model in [] if args.skip_fabric else args.models:  # one row per model as soon as it is done
-        r = child("fabric", model)
+    header = ["model", "seed", "pixel AUROC", "AUPRO@0.3", "defect IoU", "mIoU", *(f"IoU {c}" for c in names)]
+    print("| " + " | ".join([*header, "image AUROC", "params (M)", "train s", "peak RSS MB"]) + " |")
+    print("|---" * (10 + len(names)) + "|", flush=True)
+
+    def fabric_line(label: str, seed: str, r: dict[str, float]) -> str:
         ious = " | ".join(f"{r[f'iou_{c}']:.3f}" if f"iou_{c}" in r else "-" for c in names)
-        print(
-            f"| {model} | {r['pixel_auroc']:.3f} | {r['aupro_0.3']:.3f} | {r['binary_iou']:.3f} | "
+        return (
+            f"| {label} | {seed} | {r['pixel_auroc']:.3f} | {r['aupro_0.3']:.3f} | {r['binary_iou']:.3f} | "
             f"{r['miou']:.3f} | {ious} | {r['image_auroc']:.3f} | {r['params_m']:.2f} | "
-            f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |",
-            flush=True,
+            f"{r['train_seconds']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+
+    for label, model, tree in [] if args.skip_fabric else rows:  # one row per run as soon as it is done
+        results = []
+        for seed in seeds:
+            results.append(child("fabric", model, tree, seed))
+            print(fabric_line(label, str(seed), results[-1]), flush=True)
+        if len(seeds) > 1:
+            print(fabric_line(f"**{label}, mean**", "", mean_row(results)), flush=True)
     if args.skip_conformal:
         return
     print(
@@ -254,10 +313,10 @@ def main() -> None:
         "unlabeled images of each defect kind:\n"
     )
     print("| model | local vs nominal | global vs nominal | peak RSS MB |\n|---|---|---|---|")
-    for model in args.models:
-        r = child("conformal", model)
+    for label, model, tree in rows:  # conformal rows train with the round's default seed (no --seed)
+        r = child("conformal", model, tree)
         print(
-            f"| {model} | {r['image_auroc_local']:.3f} | {r['image_auroc_global']:.3f} | "
+            f"| {label} | {r['image_auroc_local']:.3f} | {r['image_auroc_global']:.3f} | "
             f"{r['peak_rss_mb']:.0f} |",
             flush=True,
         )

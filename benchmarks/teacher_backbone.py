@@ -78,8 +78,8 @@ def fabric_row(data: Path, shots: int, bank_size: int | None = None) -> dict[str
     """Fit on the pool (minus the references), score the test split against its masks."""
     import pandas as pd
 
-    from loom.imageio import read_image, read_mask
-    from loom.metrics import aupro, binary_iou, image_auroc, pixel_auroc
+    from loom.data.imageio import read_image, read_mask
+    from loom.evaluation.metrics import aupro, binary_iou, image_auroc, pixel_auroc
 
     manifest = pd.read_parquet(data / "manifest.parquet").sort_values("path").reset_index(drop=True)
     classes = json.loads((data / "classes.json").read_text())
@@ -111,8 +111,8 @@ def conformal_row(
     """Pool of `nominal` - `shots` nominal + `defects` images of one kind; image AUROC."""
     import conformal_clip_data as ccd
 
-    from loom.imageio import read_image
-    from loom.metrics import image_auroc
+    from loom.data.imageio import read_image
+    from loom.evaluation.metrics import image_auroc
 
     rng = np.random.default_rng(0)
     nominal_files = sorted(Path(ccd.nominal_dir()).glob("*.jpg"))[:nominal]

@@ -9,8 +9,8 @@ from typing import Any
 from prefect import flow
 
 from loom.config import load_settings
+from loom.services.versioning import next_round_number
 from tasks.clicker import fine_tune_round_clicker
-from tasks.version import next_round_number
 
 
 @flow(name="clicker-fine-tune")

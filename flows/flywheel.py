@@ -9,10 +9,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from loom import journal, tracking
+from loom import journal
 from loom.config import Settings, load_settings
+from loom.evaluation.plots import curve_points, round_curve
 from loom.journal import RoundJournal
-from loom.plots import curve_points, round_curve
+from loom.services import tracking
 from tasks.augment import augment, log_generator
 from tasks.clicker import fine_tune_round_clicker
 from tasks.common import StepClock

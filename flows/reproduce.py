@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from loom import versioning
 from loom.config import RoundParams, Settings, load_settings
+from loom.services import versioning
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def round_settings(workspace: Path, record: dict[str, Any]) -> Settings:
 
 def reproduce_round(settings: Settings, tag: str, force: bool = False) -> list[Reproduced]:
     """Retrain and re-score every student of the round tagged ``tag``; the workspace is left as it was."""
-    from loom.tracking import download_student
+    from loom.services.tracking import download_student
     from tasks.train import evaluate_student, fit_student, student_samples
 
     record = recorded_round(settings, tag)

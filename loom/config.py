@@ -51,7 +51,8 @@ class RoundParams:
     review_timeout_s: float = 3600.0  # how long the round waits for reviews before going on
     selection: str = "combined"  # random | uncertainty | disagreement | diversity | rarity | combined
     audit_share: float = 0.25  # of the budget, drawn at random: what calibrates auto-accept
-    accept_risk: float = 0.1  # target share of wrong labels among the auto-accepted (loom/calibration.py)
+    # Target share of wrong labels among the auto-accepted (loom/stages/calibration.py).
+    accept_risk: float = 0.1
     teacher: str = "auto"  # auto | openclip | backbone (auto: open_clip when its weights are here)
     teacher_shots: int = 4  # known-good images (people's normal reviews) the teacher uses as references
     clip_model: str = "ViT-B-16-plus-240"
@@ -66,8 +67,8 @@ class RoundParams:
     seed: int = 0
     warm_start: bool = True  # a segmenter starts from the champion's weights (same architecture and size)
     promote_metric: str = "miou"  # picks the round's best student, the challenger
-    # The promotion gate (loom/promotion.py): the lower end of the paired-bootstrap interval of the gain
-    # must clear promote_min_gain (a margin for training noise, which resampling test images cannot see),
+    # The promotion gate (loom/evaluation/promotion.py): the lower end of the paired-bootstrap interval of the
+    # gain must clear promote_min_gain (a margin for training noise, which resampling test images cannot see),
     # and no class with at least promote_min_class_pixels test pixels may lose more than the tolerance.
     promote_min_gain: float = 0.05
     promote_class_tolerance: float = 0.05
@@ -89,7 +90,7 @@ class Settings:
     registered_generator: str = "loom-defect-gen"
     ports: Ports = field(default_factory=Ports)
     round: RoundParams = field(default_factory=RoundParams)
-    # The ML backend's review relay sweeps for suspended rounds it missed (loom/review_relay.py).
+    # The ML backend's review relay sweeps for suspended rounds it missed (loom/services/review_relay.py).
     review_relay_poll_s: float = 300.0
 
     # ---- paths -------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Settings:
 
     @property
     def quarantine_dir(self) -> Path:
-        """Bad input and its reasons, beside ``data/`` so that DVC never pushes it (loom/quarantine.py)."""
+        """Bad input and its reasons, beside ``data/`` so that DVC never pushes it (data/quarantine.py)."""
         return self.workspace / "quarantine"
 
     @property
@@ -129,7 +130,7 @@ class Settings:
 
     @property
     def calibration_path(self) -> Path:
-        """Audited pseudo-labels: confidence and whether people found them wrong (loom/calibration.py)."""
+        """Audited pseudo-labels: confidence and whether people found them wrong (stages/calibration.py)."""
         return self.data_dir / "calibration.parquet"
 
     @property

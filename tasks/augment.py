@@ -17,8 +17,11 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from loom import manifest, tracking
-from loom.augment import (
+from loom.config import Settings
+from loom.data import manifest
+from loom.data.human import human_labeled, image_of
+from loom.services import tracking
+from loom.stages.augment import (
     TRAINING_REPORT,
     Scorer,
     instance_counts,
@@ -27,12 +30,9 @@ from loom.augment import (
     train_defect_gen,
     write_pairs,
 )
-from loom.config import Settings
 from tasks.common import (
     ONCE_PER_ROUND,
     class_names,
-    human_labeled,
-    image_of,
     load_manifest,
     presumed_normals,
     save_manifest,
@@ -102,7 +102,7 @@ def teacher_scorer(settings: Settings, normals: list[np.ndarray], references: in
     The teacher is built and fitted on the first call, so a round whose classes are all copy-pasted pays
     nothing for it.
     """
-    from loom.teachers import build_teacher
+    from loom.stages.teachers import build_teacher
 
     fitted = []
 

@@ -20,19 +20,20 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from loom import tracking
-from loom.clicking import (
+from loom.config import Settings
+from loom.data.human import human_labeled, image_of
+from loom.data.imageio import read_mask
+from loom.journal import write_atomic
+from loom.services import tracking
+from loom.stages.clicking import (
     champion_clicker_pointer,
     clicker_choice,
     fine_tune_clicker,
     teacher_prelabels,
 )
-from loom.config import Settings
-from loom.imageio import read_mask
-from loom.journal import write_atomic
 from models.clicker import ClickPredictor, NocObject, Segmenter, evaluate_noc, split_objects
 from models.clicker.noc import STARTS
-from tasks.common import human_labeled, image_of, once_per_round, pseudo_mask_path, task_logger
+from tasks.common import once_per_round, pseudo_mask_path, task_logger
 
 #: Test objects the gate measures at most (spread over the split; the NoC of 40 objects is stable to ~0.2).
 GATE_OBJECTS = 40

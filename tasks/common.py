@@ -15,9 +15,9 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from loom import journal, manifest
+from loom import journal
 from loom.config import Settings
-from loom.imageio import read_image, read_mask
+from loom.data import manifest
 
 
 @dataclass
@@ -56,22 +56,6 @@ def load_manifest(settings: Settings) -> pd.DataFrame:
 
 def save_manifest(settings: Settings, df: pd.DataFrame) -> None:
     manifest.save(df, settings.manifest_path)
-
-
-def image_of(settings: Settings, row: pd.Series) -> np.ndarray:
-    return read_image(settings.data_dir / row["path"])
-
-
-def human_mask_of(settings: Settings, image_id: str, hw: tuple[int, int]) -> np.ndarray:
-    return read_mask(settings.masks_dir / f"{image_id}.png", len(settings.classes), expected_hw=hw)
-
-
-def human_labeled(settings: Settings, split: str) -> Iterator[tuple[pd.Series, np.ndarray]]:
-    """Usable human-labeled rows of ``split`` (manifest order) with their class masks; callers read the
-    image (:func:`image_of`) only where they need it."""
-    df = manifest.usable(load_manifest(settings))
-    for _, row in df[(df["split"] == split) & (df["label_source"] == "human")].iterrows():
-        yield row, human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"])))
 
 
 #: How many of the teacher's calmest images stand in for normal fabric while there is no other: people have

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from loom.config import Settings
-from loom.ingest import IngestReport, ingest_folder
+from loom.data.ingest import IngestReport, ingest_folder
 from tasks.common import ONCE_PER_ROUND
 
 

@@ -1,8 +1,8 @@
 """Pseudo-label: the teacher proposes masks, scores and an uncertainty for every unreviewed train image.
 
 From round 2 on the champion student labels the pool too; how much teacher and student disagree on each image
-is passed on to review selection (a strong review signal, loom/selection.py). The manifest's uncertainty is
-the teacher's own: it is what auto-accept is calibrated on (loom/calibration.py).
+is passed on to review selection (a strong review signal, loom/stages/selection.py). The manifest's
+uncertainty is the teacher's own: it is what auto-accept is calibrated on (loom/stages/calibration.py).
 """
 
 from __future__ import annotations
@@ -13,19 +13,12 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from loom import manifest
 from loom.config import Settings
-from loom.predict import write_predictions
-from loom.teachers import LabeledImage, build_prototypes, build_teacher, label_images
-from tasks.common import (
-    ONCE_PER_ROUND,
-    class_names,
-    human_mask_of,
-    image_of,
-    load_manifest,
-    save_manifest,
-    task_logger,
-)
+from loom.data import manifest
+from loom.data.human import human_references, image_of
+from loom.data.predict import write_predictions
+from loom.stages.teachers import LabeledImage, build_prototypes, build_teacher, label_images
+from tasks.common import ONCE_PER_ROUND, class_names, load_manifest, save_manifest, task_logger
 
 
 @dataclass
@@ -70,21 +63,8 @@ def review_uncertainty(labeled: list[LabeledImage], defect_id: int) -> np.ndarra
     return np.where(unnamed, 1.0, np.where(flagged, np.maximum(own, naming_doubt), own * rank))
 
 
-def human_references(settings: Settings, rows: pd.DataFrame) -> tuple[list, list, list]:
-    """People's labels of earlier rounds: up to `teacher_shots` normal images (few-shot references) and the
-    images + masks with named defects (prototypes for naming regions)."""
-    human = rows[(rows["label_source"] == "human") & (rows["split"] == "train")].sort_values("image_id")
-    normal_rows = human[human["classes"].fillna("") == ""].head(settings.round.teacher_shots)
-    normals = [image_of(settings, row) for _, row in normal_rows.iterrows()]
-    images, masks = [], []
-    for _, row in human[human["classes"].fillna("") != ""].iterrows():
-        images.append(image_of(settings, row))
-        masks.append(human_mask_of(settings, row["image_id"], (int(row["height"]), int(row["width"]))))
-    return normals, images, masks
-
-
 def _champion_masks(settings: Settings, images: list[np.ndarray]) -> list[np.ndarray] | None:
-    from loom.tracking import champion, download_student
+    from loom.services.tracking import champion, download_student
     from models.student.registry import load_student
     from models.student.training import predict_images
 

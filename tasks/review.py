@@ -1,7 +1,7 @@
 """Human review in Label Studio: send the selection (tasks/select.py), wait, take corrections back.
 
 A round run from a deployment waits without a process: it registers its review with the relay of
-``loom backend`` and suspends (loom/review_relay.py); a Label Studio webhook or the review's deadline
+``loom backend`` and suspends (loom/services/review_relay.py); a Label Studio webhook or the review's deadline
 resumes it. A round run in-process (``loom round``, the demo) or as a subflow of the ``flywheel`` loop,
 which Prefect cannot suspend, polls Label Studio instead.
 """
@@ -20,17 +20,18 @@ from prefect.flow_runs import suspend_flow_run
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from loom import labelstudio, manifest, quarantine
-from loom.backend import read_interactions
 from loom.config import Settings
-from loom.imageio import read_mask, write_mask
-from loom.review_relay import PendingReview, ReviewResumed, drop_pending
+from loom.data import manifest, quarantine
+from loom.data.human import human_mask_of
+from loom.data.imageio import read_mask, write_mask
+from loom.services import labelstudio
+from loom.services.backend import read_interactions
+from loom.services.review_relay import PendingReview, ReviewResumed, drop_pending
 from models.teacher.types import anomaly_probability
 from tasks.common import (
     ONCE_PER_ROUND,
     StepClock,
     class_names,
-    human_mask_of,
     load_manifest,
     pseudo_mask_path,
     save_manifest,
@@ -277,7 +278,8 @@ def pull_corrections(settings: Settings, project_id: int) -> ReviewOutcome:
         }
     )
     df = manifest.update_rows(df, reviewed)
-    if malformed:  # kept with the quarantine, beside data/ (loom/quarantine.py); the image stays in review
+    # Kept with the quarantine, beside data/ (loom/data/quarantine.py); the image stays in review.
+    if malformed:
         where = quarantine.record_annotations(settings, project_id, malformed)
         for image_id, reason in malformed:
             log.warning(

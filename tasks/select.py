@@ -1,8 +1,9 @@
 """Choose what people see and what trains without them: review selection and calibrated auto-accept.
 
-Selection (loom/selection.py, ``round.selection``) queues the round's reviews: the backlog, a random audit,
-then the strategy's picks. After the review, what people said of the audited images calibrates auto-accept
-(loom/calibration.py, ``round.accept_risk``), which decides which open pseudo-labels train the student.
+Selection (loom/stages/selection.py, ``round.selection``) queues the round's reviews: the backlog, a random
+audit, then the strategy's picks. After the review, what people said of the audited images calibrates
+auto-accept (loom/stages/calibration.py, ``round.accept_risk``), which decides which open pseudo-labels train
+the student.
 """
 
 from __future__ import annotations
@@ -13,19 +14,13 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from loom import calibration, manifest, selection
 from loom.config import Settings
-from loom.embeddings import cached_embeddings
-from loom.imageio import read_mask
-from tasks.common import (
-    ONCE_PER_ROUND,
-    human_mask_of,
-    image_of,
-    load_manifest,
-    pseudo_mask_path,
-    save_manifest,
-    task_logger,
-)
+from loom.data import manifest
+from loom.data.human import human_mask_of, image_of
+from loom.data.imageio import read_mask
+from loom.stages import calibration, selection
+from loom.stages.embeddings import cached_embeddings
+from tasks.common import ONCE_PER_ROUND, load_manifest, pseudo_mask_path, save_manifest, task_logger
 from tasks.pseudo_label import PseudoLabels
 
 
@@ -167,7 +162,7 @@ def select_for_review(settings: Settings, labels: PseudoLabels) -> Selection:
 def auto_accept(settings: Settings, labels: PseudoLabels) -> AutoAccept:
     """Record what people said of the audited images they reviewed (this round's and any left queued from
     earlier ones), then auto-accept the open pseudo-labels that the calibration on every answered audit
-    lets through (loom/calibration.py)."""
+    lets through (loom/stages/calibration.py)."""
     log = task_logger()
     df = load_manifest(settings)
     rows = df.set_index("image_id")

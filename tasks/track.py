@@ -1,9 +1,9 @@
 """MLflow: log the round's students; the best is the round's challenger and meets the champion at the gate.
 
 Every round the champion is downloaded and predicted again on today's frozen test split, beside the
-challenger's predictions from its evaluation, and :func:`loom.promotion.decide` compares the two (paired
-bootstrap over test images, per-class guard). The registry alias ``challenger`` goes to the round's best
-every round, ``champion`` only when the gate promotes it; the decision is written as ``loom.promotion.*``
+challenger's predictions from its evaluation, and :func:`loom.evaluation.promotion.decide` compares the two
+(paired bootstrap over test images, per-class guard). The registry alias ``challenger`` goes to the round's
+best every round, ``champion`` only when the gate promotes it; the decision is written as ``loom.promotion.*``
 tags on the challenger's model version and run.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from loom import promotion, tracking
 from loom.config import Settings
-from loom.manifest import sha256_file
-from loom.promotion import TAG_PREFIX, GateDecision, ModelStats
+from loom.data.manifest import sha256_file
+from loom.evaluation import promotion
+from loom.evaluation.promotion import TAG_PREFIX, GateDecision, ModelStats
+from loom.services import tracking
 from models.student.registry import is_anomaly_scorer, load_student
 from models.student.training import predict_images
 from tasks.common import task_logger
@@ -86,7 +87,7 @@ def log_and_promote(
     A retry finds the versions its first try logged (same round, student and weights) and the decision
     recorded on the challenger, and repeats that decision rather than taking another one.
 
-    The gate's rule (:func:`loom.promotion.decide`) comes from ``round.promote_min_gain``,
+    The gate's rule (:func:`loom.evaluation.promotion.decide`) comes from ``round.promote_min_gain``,
     ``promote_class_tolerance`` and ``promote_min_class_pixels``.
     """
     log = task_logger()
@@ -188,7 +189,8 @@ def judge(
     champion, which is predicted again on the same test images; also the champion's version (None if none).
 
     Args:
-        **gate: ``min_gain``, ``class_tolerance``, ``min_class_pixels`` of :func:`loom.promotion.decide`.
+        **gate: ``min_gain``, ``class_tolerance``, ``min_class_pixels`` of
+        :func:`loom.evaluation.promotion.decide`.
     """
     if evaluation.stats is None:
         raise ValueError("the evaluation has no per-image statistics; evaluate with tasks.train.evaluate_on")

@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from prefect import task
 
-from loom import journal, manifest, promotion
+from loom import journal
 from loom.config import Settings
+from loom.data import manifest
+from loom.data.human import human_labeled, image_of
+from loom.data.imageio import read_mask
+from loom.data.predict import overlay
 from loom.datasets.folder import load_labeled_folder
-from loom.imageio import read_mask
-from loom.metrics import evaluate_segmentation
-from loom.plots import per_class_bars
-from loom.predict import overlay
+from loom.evaluation import promotion
+from loom.evaluation.metrics import evaluate_segmentation
+from loom.evaluation.plots import per_class_bars
 from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
 from models.student.fpn import IGNORE_INDEX
 from models.student.registry import (
@@ -37,16 +40,7 @@ from models.student.registry import (
 )
 from models.student.training import SegmentationSamples, TrainConfig, predict_images, train_segmenter
 from models.teacher.types import anomaly_probability
-from tasks.common import (
-    human_labeled,
-    human_mask_of,
-    image_of,
-    load_manifest,
-    once_per_round,
-    presumed_normals,
-    pseudo_mask_path,
-    task_logger,
-)
+from tasks.common import load_manifest, once_per_round, presumed_normals, pseudo_mask_path, task_logger
 
 #: How much a training mask counts, by where it came from (people are trusted most).
 SOURCE_WEIGHTS = {"human": 1.0, "pseudo": 0.5, "synthetic": 0.7}
@@ -91,12 +85,10 @@ def training_samples(
     synthetic = synthetic[synthetic["round"] == synthetic["round"].max()] if len(synthetic) else synthetic
     n_classes = len(settings.classes)
     defect_id = settings.class_index("defect")
-    samples = []
-    for _, row in human.iterrows():
-        hw = (int(row["height"]), int(row["width"]))
-        samples.append(
-            (image_of(settings, row), human_mask_of(settings, row["image_id"], hw), SOURCE_WEIGHTS["human"])
-        )
+    samples = [
+        (image_of(settings, row), mask, SOURCE_WEIGHTS["human"])
+        for row, mask in human_labeled(settings, "train", df)
+    ]
     for _, row in pseudo.iterrows():
         hw = (int(row["height"]), int(row["width"]))
         mask = read_mask(pseudo_mask_path(settings, round_no, row["image_id"]), n_classes, hw)
@@ -201,7 +193,7 @@ def warm_start_source(settings: Settings, name: str) -> tuple[str, Path | None]:
     Only a segmenter of the same architecture, classes and image size qualifies; anomaly scorers (whose
     memory banks and thresholds describe the previous data) always start fresh.
     """
-    from loom.tracking import champion, download_student
+    from loom.services.tracking import champion, download_student
 
     current = champion(settings)
     if current is None:

@@ -13,25 +13,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
-from loom import journal, versioning
+from loom import journal
 from loom.config import Settings
+from loom.services import versioning
+from loom.services.versioning import next_round_number
 from tasks.common import task_logger
 
 #: How long a deployment run waits for the workspace while another round holds it (a UI trigger during
 #: the nightly round, say) before it gives up with the holder's name; `loom round` does not wait.
 DEPLOYMENT_LOCK_WAIT_S = 1800.0
-
-
-def next_round_number(settings: Settings) -> int:
-    """The round in progress (a rerun finishes it), else one more than the highest recorded or tagged."""
-    current = journal.load(settings)
-    if current is not None:
-        return current.round_no
-    done = [
-        int(p.name) for p in settings.rounds_dir.glob("[0-9][0-9][0-9][0-9]") if (p / "round.json").exists()
-    ]
-    done += [int(tag.removeprefix("round-")) for tag in versioning.round_tags(settings)]
-    return max(done, default=0) + 1
 
 
 @contextmanager
@@ -76,7 +66,7 @@ def version_round(settings: Settings, round_no: int, record: dict[str, Any]) -> 
 
     The record names the tag; the data hash lives in `data.dvc` in the same tagged commit, so
     `git checkout round-NNNN && dvc checkout` gives back exactly that round's data. A rerun after an
-    interruption finishes the same commit and tag (:func:`loom.versioning.version_round`).
+    interruption finishes the same commit and tag (:func:`loom.services.versioning.commit_round`).
     """
     done = versioning.tagged_version(settings, round_no)
     if done is not None:  # a rerun after a kill once the tag was made: the round is versioned as it is
@@ -86,7 +76,7 @@ def version_round(settings: Settings, round_no: int, record: dict[str, Any]) -> 
     record = {**record, "version": {"tag": f"round-{round_no:04d}", "data_file": "data.dvc"}}
     path = write_round_record(settings, round_no, record)
     journal.fault_point("version:recorded")
-    version = versioning.version_round(
+    version = versioning.commit_round(
         settings,
         round_no,
         paths_to_commit=[path],

@@ -62,7 +62,7 @@ def settings(tmp_path: Path) -> Settings:
 @pytest.fixture(scope="session")
 def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Settings of a workspace whose Label Studio, Prefect (+ worker) and MLflow UI are up and healthy."""
-    from loom import stack
+    from loom.services import stack
 
     reuse = os.environ.get("LOOM_TEST_REUSE_STACK") == "1"
     if reuse:

@@ -2,7 +2,7 @@
 
 ``write_fuzz_set(root, outside)`` writes about 260 files below ``root`` (the source folder, or a folder inside
 it) and a few targets in ``outside`` (a folder *outside* the source folder, for the symbolic links that point
-out of it). Every file comes back as a ``FuzzCase`` that says what ``loom.ingest.ingest_folder`` must do
+out of it). Every file comes back as a ``FuzzCase`` that says what ``loom.data.ingest.ingest_folder`` must do
 with it, so the tests assert each file exactly instead of counting:
 
 - ``quarantined`` with a reason starting ``reason``: random bytes under image names; PNG, JPEG, TIFF, BMP,
@@ -41,7 +41,7 @@ from tests.badfiles import png_header_only
 
 ADDED, DUPLICATE, QUARANTINED = "added", "duplicate", "quarantined"
 
-# Reason prefixes (loom.imageio / loom.ingest word them so).
+# Reason prefixes (loom.data.imageio / loom.data.ingest word them so).
 NOT_IMAGE = "not an image"
 CORRUPT = "truncated or corrupt"
 TOO_LARGE = "too large"

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loom.imageio import MaskError, read_image, read_mask
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from loom.data.imageio import IMAGE_SUFFIXES, MaskError, read_image, read_mask
 
 
 @dataclass

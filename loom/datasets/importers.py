@@ -2,7 +2,7 @@
 
 Image files are placed under ``images/<stem>.png``: PNG files byte for byte, other formats re-encoded as 8-bit
 RGB PNG. A file that cannot be read is **not dropped**: it is copied unchanged (keeping its suffix) and listed
-in the manifest, so that ``loom.ingest.ingest_folder`` quarantines it with a reason the user can see,
+in the manifest, so that ``loom.data.ingest.ingest_folder`` quarantines it with a reason the user can see,
 instead of it silently disappearing from the data. The same holds for unreadable ground-truth masks.
 
 Importing never writes into a non-empty destination, so an earlier import is never mixed with a new one.
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES
-from loom.imageio import ImageReadError, image_size, read_image, write_mask, write_png
+from loom.data import manifest
+from loom.data.imageio import ImageReadError, image_size, read_image, write_mask, write_png
 
 logger = logging.getLogger(__name__)
 

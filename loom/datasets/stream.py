@@ -4,7 +4,7 @@
 dataset folder, or ``images/`` + ``masks/``): its test split, given by the dataset's manifest or drawn once
 by ``seed`` and frozen in ``<out>/test-split.json``, goes to people as the human-verified test split of
 batch 1; its train images arrive in batches, round after round, in an order drawn by ``seed``. The
-simulated annotator answers from the masks (loom.demo.GroundTruth reads them from the batch folders).
+simulated annotator answers from the masks (app.demo.GroundTruth reads them from the batch folders).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from loom.data.imageio import write_mask, write_png
 from loom.datasets.folder import load_labeled_folder
 from loom.datasets.importers import manifest_row, prepare_folder, save_folder
-from loom.imageio import write_mask, write_png
 
 logger = logging.getLogger(__name__)
 

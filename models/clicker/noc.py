@@ -1,13 +1,13 @@
 """The NoC protocol (number of clicks), per object, for any click segmentation method.
 
-Each defect region of a mask is one object: its 8-connected components (as loom/metrics.py labels them),
-with components less than ``OBJECT_GAP`` pixels apart merged, so a stain's speckled rim or a yarn drawn as
-dashes is one object, as an annotator sees it, not a dozen one-pixel objects worth 20 clicks each. A simulated
-annotator clicks at the centre of the larger error region (``models.clicker.clicks.error_click``: the
-point farthest from the border of the false-negative or the false-positive region, positive for a miss,
-negative for a false alarm), at most ``max_clicks`` times; the method gets all clicks so far and its own
-last mask. NoC@t is the number of clicks until IoU >= t with the object, ``max_clicks`` when never
-reached; a run stops once the highest threshold is reached (RITM's evaluation does the same).
+Each defect region of a mask is one object: its 8-connected components (as loom/evaluation/metrics.py labels
+them), with components less than ``OBJECT_GAP`` pixels apart merged, so a stain's speckled rim or a yarn drawn
+as dashes is one object, as an annotator sees it, not a dozen one-pixel objects worth 20 clicks each. A
+simulated annotator clicks at the centre of the larger error region (``models.clicker.clicks.error_click``:
+the point farthest from the border of the false-negative or the false-positive region, positive for a miss,
+negative for a false alarm), at most ``max_clicks`` times; the method gets all clicks so far and its own last
+mask. NoC@t is the number of clicks until IoU >= t with the object, ``max_clicks`` when never reached; a run
+stops once the highest threshold is reached (RITM's evaluation does the same).
 
 Two starts: from nothing (empty previous mask), and from a pre-annotation (the teacher's mask restricted
 to its connected components that touch the object's dilated neighbourhood); from a pre-annotation that

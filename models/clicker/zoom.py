@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from models.clicker.clicks import Click
 
-#: 8-connectivity, as loom/metrics.py labels defect regions.
+#: 8-connectivity, as loom/evaluation/metrics.py labels defect regions.
 CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from loom.progress import progress
 from models.defect_gen.data import count_components
 from models.defect_gen.pipeline import DefectGenPipeline, region_box
+from models.progress import progress
+from models.robust_stats import median_and_sigma
 
 REASONS = ("empty", "wrong_class", "shattered", "leaked", "unseen")
-_MAD_TO_SIGMA = 1.4826
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -91,10 +91,8 @@ def rejection_reason(
 def unseen_by(anomaly_map: np.ndarray, mask: np.ndarray, mads: float) -> bool:
     """True when the mean score inside ``mask > 0`` does not exceed median + mads * sigma outside it."""
     inside = mask > 0
-    outside = anomaly_map[~inside]
-    median = float(np.median(outside))
-    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(outside - median)))
-    return float(anomaly_map[inside].mean()) <= median + mads * max(sigma, 1e-12)
+    median, sigma = median_and_sigma(anomaly_map[~inside])
+    return float(anomaly_map[inside].mean()) <= median + mads * sigma
 
 
 def random_crop_corner(shape: tuple[int, int], size: int, rng: np.random.Generator) -> tuple[int, int]:

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from loom.progress import progress
 from models.defect_gen.config import DefectGenConfig
 from models.defect_gen.data import DefectCrops, random_patches
 from models.defect_gen.pipeline import DefectGenPipeline, autocast
 from models.defect_gen.schedule import LARGE, SMALL, timestep_range
+from models.progress import progress
 
 logger = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbone.efficientnet_lite import load_pretrained_lite0
+from models.robust_stats import median_and_sigma
 from models.student.checkpoint import config_from_dict, config_to_dict
 from models.student.fpn.loss import IGNORE_INDEX
 from models.student.fpn.torch_model import FPNSegmenter, SegmentationOutput, TinyPyramid
@@ -45,7 +46,6 @@ MAX_CALIBRATION_PIXELS = 4_000_000
 #: Distance of the 99.9th percentile from the median of a Gaussian, in standard deviations.
 TAIL_SIGMAS = 3.09
 #: Standard deviation of normal data per median absolute deviation.
-MAD_TO_SIGMA = 1.4826
 #: Logit of the classes an anomaly scorer cannot tell apart from the generic defect class.
 OTHER_CLASS_LOGIT = -1e4
 #: Lite0 blocks up to the stride-16 feature (blocks 0..10); the deeper ones are dropped, never used.
@@ -212,13 +212,6 @@ def pseudo_logits(
     return torch.stack(channels, dim=1)
 
 
-def robust_location_scale(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Median and MAD-based standard deviation of a 1-D tensor (the sigma floored above zero)."""
-    median = values.median()
-    sigma = MAD_TO_SIGMA * (values - median).abs().median()
-    return median, sigma.clamp_min(1e-6 * median.abs().item() + 1e-12)
-
-
 def sample_pixels(maps: torch.Tensor, limit: int = MAX_CALIBRATION_PIXELS) -> torch.Tensor:
     """All values of ``maps`` flattened, or a fixed random subset of ``limit`` of them."""
     values = maps.flatten().float()
@@ -304,7 +297,7 @@ class AnomalyScorerMixin:
         check_normal_images(normal_images)
         values = sample_pixels(self.raw_maps(normal_images, batch_size))
         threshold = torch.quantile(values, CALIBRATION_QUANTILE)
-        median, sigma = robust_location_scale(values)
+        median, sigma = median_and_sigma(values)
         scale = calibration_scale(median, sigma, threshold)
         self.threshold.fill_(float(threshold))
         self.scale.fill_(float(scale))

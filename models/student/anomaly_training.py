@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from loom.progress import progress
+from models.progress import progress
 from models.student.training import (
     LoopConfig,
     Sample,

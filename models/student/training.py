@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from loom.progress import progress
 from models.backbone.efficientnet_lite import normalize
+from models.progress import progress
 from models.student.fpn.loss import IGNORE_INDEX, SegmentationLoss
 from models.student.fpn.torch_model import image_score
 from models.tiling import pad_to_min_size, predict_tiled

@@ -19,13 +19,14 @@ from mlflow import MlflowClient
 from PIL import Image
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from app.demo import GroundTruth
+from app.runner import run_round
 from flows.flywheel import flywheel_round
-from loom import labelstudio, manifest, tracking, versioning
-from loom.annotator import SimulatedAnnotator
 from loom.config import PROJECT_ROOT, load_settings, workspace_secret
+from loom.data import manifest
 from loom.datasets.fabric import generate, render_sample
-from loom.demo import GroundTruth
-from loom.runner import run_round
+from loom.services import labelstudio, tracking, versioning
+from loom.services.annotator import SimulatedAnnotator
 from tests.badfiles import write_bad_files, write_industrial_images
 
 pytestmark = pytest.mark.e2e
@@ -295,7 +296,7 @@ def test_predict_champion_on_a_line_scan_frame(flywheel, tmp_path):
 
 
 def test_exported_champion_gives_the_same_masks_in_onnxruntime(flywheel, tmp_path):
-    from loom.runner import resolve_model
+    from app.runner import resolve_model
     from models.backbone.efficientnet_lite import normalize
     from models.student.export import onnx_predict
     from models.student.registry import load_student
@@ -323,8 +324,8 @@ def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from loom import stack
-    from loom.runner import prefect_api
+    from app.runner import prefect_api
+    from loom.services import stack
 
     settings = flywheel["settings"]
     stack.deploy(settings)
@@ -344,7 +345,7 @@ def test_a_scheduled_deployment_runs_a_round_through_the_worker(flywheel):
 def test_the_flywheel_deployment_runs_rounds_as_subflows_until_its_stop_rule(flywheel):
     from prefect.deployments import run_deployment
 
-    from loom.runner import prefect_api
+    from app.runner import prefect_api
 
     settings = flywheel["settings"]
     with prefect_api(settings):  # the deployments were registered by the scheduled-round test above
@@ -363,7 +364,7 @@ def _flow_run_processes(settings) -> list:
     """The worker's flow-run processes (``python -m prefect.engine``): busy while a round runs."""
     import psutil
 
-    from loom import stack
+    from loom.services import stack
 
     def command(process: psutil.Process) -> str:
         try:
@@ -411,7 +412,7 @@ def test_a_deployment_round_suspends_for_review_and_a_label_studio_webhook_resum
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from loom.runner import prefect_api
+    from app.runner import prefect_api
 
     settings = flywheel["settings"]
     with prefect_api(settings):  # the deployments were registered by the scheduled-round test above
@@ -448,7 +449,7 @@ def test_a_deployment_round_suspends_for_review_and_a_label_studio_webhook_resum
 def test_the_review_deadline_resumes_a_suspended_round_and_the_rest_stays_queued(flywheel):
     from prefect.deployments import run_deployment
 
-    from loom.runner import prefect_api
+    from app.runner import prefect_api
 
     settings = flywheel["settings"]
     with prefect_api(settings):
@@ -473,8 +474,8 @@ def test_a_train_request_fine_tunes_the_click_model_through_the_worker(flywheel)
     import requests
     from prefect.client.orchestration import get_client
 
-    from loom import stack
-    from loom.runner import prefect_api
+    from app.runner import prefect_api
+    from loom.services import stack
 
     settings = flywheel["settings"]
     stack.deploy(settings)
@@ -506,7 +507,7 @@ def test_no_secret_in_round_records_mlflow_logs_prefect_git_or_dvc(flywheel):
     import stat
 
     from loom.config import secrets_path
-    from loom.secretscan import scan_workspace
+    from loom.services.secretscan import scan_workspace
 
     settings = flywheel["settings"]
     assert stat.S_IMODE(secrets_path(settings).stat().st_mode) == 0o600

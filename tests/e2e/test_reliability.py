@@ -25,11 +25,13 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from loom import journal, labelstudio, manifest, stack, tracking, versioning
-from loom.annotator import SimulatedAnnotator
+from app.demo import GroundTruth
+from loom import journal
 from loom.config import PROJECT_ROOT, Settings, load_settings, workspace_secret
+from loom.data import manifest
 from loom.datasets.fabric import generate
-from loom.demo import GroundTruth
+from loom.services import labelstudio, stack, tracking, versioning
+from loom.services.annotator import SimulatedAnnotator
 
 pytestmark = pytest.mark.e2e
 
@@ -263,7 +265,7 @@ def test_a_round_killed_at_any_point_is_finished_by_the_next_run(line: Line, poi
 
 
 def versioning_next(settings: Settings) -> int:
-    from tasks.version import next_round_number
+    from loom.services.versioning import next_round_number
 
     return next_round_number(settings)
 

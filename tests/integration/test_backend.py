@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import requests
 
-from loom import labelstudio as ls
-from loom.backend import read_interactions
 from loom.config import Settings
+from loom.data.imageio import write_png
 from loom.datasets.fabric import render_sample
-from loom.imageio import write_png
+from loom.services import labelstudio as ls
+from loom.services.backend import read_interactions
 
 pytestmark = pytest.mark.integration
 SECRETS = "../../stack/secrets.env"

@@ -24,11 +24,11 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
-from loom import labelstudio as ls
-from loom.backend import mask_digest, read_interactions
 from loom.config import Settings
+from loom.data.imageio import write_png
 from loom.datasets.fabric import render_sample
-from loom.imageio import write_png
+from loom.services import labelstudio as ls
+from loom.services.backend import mask_digest, read_interactions
 from tests.integration.test_backend import wait_for_clicker
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """The round's result unchanged by bad input: the same good images, alone and mixed with the fuzz set
 (tests/fuzzset.py), through ingest, the pseudo-label stage and versioning, in two fresh workspaces.
 
-No servers: the stages run as plain functions (``loom.runner.run_task``), versioning with real git and dvc.
+No servers: the stages run as plain functions (``app.runner.run_task``), versioning with real git and dvc.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from loom import manifest, versioning
+from app.runner import run_task
 from loom.config import Settings, load_settings
+from loom.data import manifest
+from loom.data.ingest import IngestReport
 from loom.datasets.fabric import generate
-from loom.ingest import IngestReport
-from loom.runner import run_task
+from loom.services import versioning
 from tasks.ingest import ingest
 from tasks.pseudo_label import PseudoLabels, pseudo_label
 from tests.fuzzset import ADDED, DUPLICATE, QUARANTINED, FuzzSet, entries_below, pipes_guarded, write_fuzz_set
@@ -112,8 +113,8 @@ def test_bad_files_do_not_change_what_a_round_learns_nor_reach_the_dvc_remote(tm
     assert len(kept) == len(bad_rows)
 
     # ---- versioned: the fuzz workspace's DVC remote holds no quarantined byte
-    clean_version = versioning.version_round(clean, 1, message="clean")
-    fuzzy_version = versioning.version_round(fuzzy, 1, message="with the fuzz set")
+    clean_version = versioning.commit_round(clean, 1, message="clean")
+    fuzzy_version = versioning.commit_round(fuzzy, 1, message="with the fuzz set")
     in_remote = remote_objects(fuzzy)
     assert not {md5(p.read_bytes()) for p in kept} & in_remote
     extra = in_remote - remote_objects(clean)

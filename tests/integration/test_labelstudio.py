@@ -12,9 +12,9 @@ import pytest
 import requests
 from PIL import Image
 
-from loom import labelstudio as ls
-from loom.annotator import SimulatedAnnotator
 from loom.config import Settings
+from loom.services import labelstudio as ls
+from loom.services.annotator import SimulatedAnnotator
 
 pytestmark = pytest.mark.integration
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from loom import manifest, promotion, tracking
 from loom.config import RoundParams, Settings, load_settings
-from loom.imageio import write_mask, write_png
-from loom.ingest import ingest_folder
+from loom.data import manifest
+from loom.data.imageio import write_mask, write_png
+from loom.data.ingest import ingest_folder
+from loom.evaluation import promotion
+from loom.services import tracking
 from models.student.registry import build_student, load_student
 from models.student.training import predict_images
 from tasks.track import Promotion, log_and_promote, publish_champion

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loom.data.imageio import read_image, read_mask
 from loom.datasets.fabric import generate
-from loom.imageio import read_image, read_mask
-from loom.metrics import image_auroc
+from loom.evaluation.metrics import image_auroc
 
-LOOM = [sys.executable, "-m", "loom.cli"]
+LOOM = [sys.executable, "-m", "app.cli"]
 
 
 def run_loom(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loom import manifest
+from app.demo import GroundTruth
 from loom.config import Settings, load_settings
+from loom.data import manifest
+from loom.data.imageio import write_mask
+from loom.data.ingest import ingest_folder
 from loom.datasets.fabric import generate
-from loom.demo import GroundTruth
-from loom.imageio import write_mask
-from loom.ingest import ingest_folder
 from tasks.pseudo_label import pseudo_label
 from tasks.select import auto_accept, read_calibration, select_for_review
 

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from loom import manifest
+from app.demo import GroundTruth
 from loom.config import PROJECT_ROOT, Settings, load_settings
+from loom.data import manifest
+from loom.data.imageio import write_mask
+from loom.data.ingest import ingest_folder
 from loom.datasets.fabric import generate
-from loom.demo import GroundTruth
-from loom.imageio import write_mask
-from loom.ingest import ingest_folder
 from tasks.augment import augment, log_generator
 from tasks.clicker import fine_tune_round_clicker
 

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import requests
 
-from loom import labelstudio as ls
 from loom.config import Settings, read_workspace_secrets, secrets_path
-from loom.imageio import write_png
-from loom.stack import label_studio_banned_subnets
+from loom.data.imageio import write_png
+from loom.services import labelstudio as ls
+from loom.services.stack import label_studio_banned_subnets
 
 pytestmark = pytest.mark.integration
 _TIMEOUT = 30

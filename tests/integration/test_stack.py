@@ -16,8 +16,8 @@ import requests
 import yaml
 from PIL import Image
 
-from loom import stack
 from loom.config import PROJECT_ROOT, Settings, load_settings
+from loom.services import stack
 
 pytestmark = pytest.mark.integration
 

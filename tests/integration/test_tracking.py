@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from PIL import Image
 from safetensors.numpy import save_file
 
-from loom import tracking
 from loom.config import Settings, load_settings
+from loom.services import tracking
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loom import versioning
 from loom.config import Settings, load_settings
+from loom.services import versioning
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def two_rounds(tmp_path_factory: pytest.TempPathFactory) -> TwoRounds:
     record = settings.round_dir(1) / "round.json"
     _write(record, b'{"round": 1}\n')
     states = {1: _snapshot(settings.data_dir)}
-    versions = {1: versioning.version_round(settings, 1, [record], message="first round")}
+    versions = {1: versioning.commit_round(settings, 1, [record], message="first round")}
 
     _write(settings.masks_dir / "img_0.png", b"mask-v2 corrected by a person")
     (settings.images_dir / "img_4.png").unlink()
@@ -85,7 +85,7 @@ def two_rounds(tmp_path_factory: pytest.TempPathFactory) -> TwoRounds:
     record2 = settings.round_dir(2) / "round.json"
     _write(record2, b'{"round": 2}\n')
     states[2] = _snapshot(settings.data_dir)
-    versions[2] = versioning.version_round(settings, 2, [record2], message="round 0002: corrections")
+    versions[2] = versioning.commit_round(settings, 2, [record2], message="round 0002: corrections")
     return TwoRounds(settings, states, versions, project_before)
 
 
@@ -122,7 +122,7 @@ def test_checkout_restores_each_round_byte_identical(two_rounds: TwoRounds) -> N
         assert (settings.round_dir(1) / "round.json").exists()
         assert not (settings.round_dir(2) / "round.json").exists()  # committed only in round 2
         with pytest.raises(versioning.VersioningError, match="detached HEAD"):
-            versioning.version_round(settings, 3)
+            versioning.commit_round(settings, 3)
         versioning.checkout_round(settings, "round-0002")
         assert _snapshot(settings.data_dir) == two_rounds.states[2]
     finally:
@@ -161,20 +161,20 @@ def test_bad_requests_get_clear_errors(two_rounds: TwoRounds) -> None:
     with pytest.raises(versioning.VersioningError, match=r"no tag round-0042.*round-0001, round-0002"):
         versioning.checkout_round(settings, "round-0042")
     with pytest.raises(versioning.VersioningError, match="already exists"):
-        versioning.version_round(settings, 1)
+        versioning.commit_round(settings, 1)
     with pytest.raises(versioning.VersioningError, match="outside workspace"):
-        versioning.version_round(settings, 3, [PROJECT_ROOT / "pyproject.toml"])
+        versioning.commit_round(settings, 3, [PROJECT_ROOT / "pyproject.toml"])
     assert versioning.round_tag(3) not in _git(settings.workspace, "tag", "--list")
 
 
 def test_forced_rerun_moves_the_tag(two_rounds: TwoRounds) -> None:
     settings = two_rounds.settings
     _write(settings.captions_dir / "img_5.txt", b"a knot")
-    again = versioning.version_round(settings, 2, message="redo", force=True)
+    again = versioning.commit_round(settings, 2, message="redo", force=True)
     assert again.tag == "round-0002" and again.commit != two_rounds.versions[2].commit
     assert _git(settings.workspace, "rev-parse", "round-0002^{commit}") == again.commit
     # A retry of the same call (say after a failed push) only pushes again.
-    retry = versioning.version_round(settings, 2, message="redo")
+    retry = versioning.commit_round(settings, 2, message="redo")
     assert retry.commit == again.commit and retry.pushed == 0
 
 
@@ -194,7 +194,7 @@ def test_a_workspace_nested_in_another_repository_leaves_it_alone(tmp_path: Path
 
     settings = load_settings(outer / "workspace")
     _write(settings.images_dir / "a.png", b"pixels")
-    version = versioning.version_round(settings, 1)
+    version = versioning.commit_round(settings, 1)
     versioning.checkout_round(settings, version.tag)
     versioning.restore_main(settings)
 

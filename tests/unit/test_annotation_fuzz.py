@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import loom.labelstudio
-from loom import manifest
+import loom.services.labelstudio
 from loom.config import Settings, load_settings
-from loom.labelstudio import MalformedAnnotation, mask_to_results, pull_annotations, results_to_mask
+from loom.data import manifest
+from loom.services.labelstudio import MalformedAnnotation, mask_to_results, pull_annotations, results_to_mask
 
 CLASSES = ("hole", "stain", "broken_yarn", "knot", "misweave", "defect")
 H, W = 10, 12
@@ -149,7 +149,8 @@ def test_a_sound_crafted_rle_and_key_points_decode() -> None:
 
 
 def test_an_rle_that_decodes_to_the_wrong_size_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loom.labelstudio, "decode_rle", lambda rle: np.zeros(7, np.uint8))  # a decoder bug
+    # A decoder bug.
+    monkeypatch.setattr(loom.services.labelstudio, "decode_rle", lambda rle: np.zeros(7, np.uint8))
     with pytest.raises(MalformedAnnotation, match=f"RLE decodes to 7 values, not {H * W * 4}"):
         results_to_mask([brush()], H, W, CLASSES)
 
@@ -335,7 +336,7 @@ def test_pull_corrections_sets_aside_beside_data_and_keeps_the_rest(
         }
     )
     manifest.save(rows, settings.manifest_path)
-    monkeypatch.setattr(loom.labelstudio, "connect", lambda *args, **kwargs: client)
+    monkeypatch.setattr(loom.services.labelstudio, "connect", lambda *args, **kwargs: client)
 
     outcome = pull_corrections.fn(settings, 3)
     table = manifest.load(settings.manifest_path).set_index("image_id")

@@ -1,10 +1,10 @@
-"""Calibrated auto-accept (loom/calibration.py): wrong labels, p-values, BH, and the guarantee itself."""
+"""Calibrated auto-accept (loom/stages/calibration.py): wrong labels, p-values, BH, the guarantee itself."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from loom import calibration
+from loom.stages import calibration
 
 DEFECT = 6
 

@@ -13,8 +13,11 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from loom.cli import app
-from loom.clicking import (
+from app.cli import app
+from loom.config import load_settings
+from loom.data.imageio import read_image, read_mask, write_mask, write_png
+from loom.datasets.fabric import render_sample
+from loom.stages.clicking import (
     champion_clicker_pointer,
     clicker_choice,
     fine_tune_clicker,
@@ -23,9 +26,6 @@ from loom.clicking import (
     pretrained_clicker_root,
     resolve_clicker,
 )
-from loom.config import load_settings
-from loom.datasets.fabric import render_sample
-from loom.imageio import read_image, read_mask, write_mask, write_png
 from models.student.checkpoint import read_model_metadata
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -176,7 +176,7 @@ def _generate(data: Path, workspace: Path, out: Path, *extra: str) -> tuple[int,
 def test_clicker_pretrain_reuses_the_cache_retrains_on_request_and_ships_only_frozen_backbones(
     workspace: Path, tiny_clicker: Path
 ) -> None:
-    from loom.clicking import SHIPPED_CLICKERS
+    from loom.stages.clicking import SHIPPED_CLICKERS
 
     cached = runner.invoke(app, ["clicker", "pretrain", "--workspace", str(workspace)])
     assert cached.exit_code == 0, cached.output
@@ -212,7 +212,7 @@ def test_augment_train_then_generate(data: Path, workspace: Path, tmp_path: Path
 def test_defect_gen_copy_pastes_the_classes_its_square_cannot_hold(
     data: Path, workspace: Path, tmp_path: Path
 ) -> None:
-    from loom.augment import generator_fits, load_folder, load_normals, synthesise, train_defect_gen
+    from loom.stages.augment import generator_fits, load_folder, load_normals, synthesise, train_defect_gen
 
     settings = load_settings(workspace)
     labeled = load_folder(data / "images", data / "masks", settings.classes)

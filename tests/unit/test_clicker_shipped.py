@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loom.clicking import (
+from loom.stages.clicking import (
     SHIPPED_CLICKERS,
     load_clicker,
     pretrain_clicker,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES, load_settings
+from loom.data import manifest
 from tasks.select import open_pool
 
 
@@ -70,7 +70,7 @@ def test_retired_round_keys_warn_instead_of_failing(tmp_path):
 def test_review_uncertainty_flags_unnamed_defects_trusts_confident_names_and_ranks_the_rest():
     import numpy as np
 
-    from loom.teachers import LabeledImage
+    from loom.stages.teachers import LabeledImage
     from models.teacher.naming import RegionName
     from models.teacher.types import TeacherPrediction
     from tasks.pseudo_label import review_uncertainty

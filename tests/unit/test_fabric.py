@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES
+from loom.data import manifest
 from loom.datasets.fabric import (
     DEFECT_KINDS,
     WEAVES,

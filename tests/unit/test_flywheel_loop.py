@@ -9,7 +9,7 @@ import pytest
 
 from flows.loop import stop_reason, unprocessed_batches
 from loom.config import load_settings
-from loom.plots import curve_points, round_curve
+from loom.evaluation.plots import curve_points, round_curve
 
 
 def _record(round_no: int, promoted: bool, miou: float, reviewed: int = 10) -> dict:

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import loom.ingest
-from loom import manifest
+import loom.data.ingest
 from loom.config import Settings, load_settings
-from loom.imageio import read_image, write_png
-from loom.ingest import IngestReport, ingest_folder
+from loom.data import manifest
+from loom.data.imageio import read_image, write_png
+from loom.data.ingest import IngestReport, ingest_folder
 from tests.fuzzset import (
     ADDED,
     DUPLICATE,
@@ -225,7 +225,7 @@ def test_a_file_that_changes_while_ingested_is_not_stored_under_a_wrong_id(
 ) -> None:
     src = tmp_path / "drop"
     write_png(src / "growing.png", np.zeros((8, 8, 3), np.uint8))
-    hash_then_grow = loom.ingest._hash
+    hash_then_grow = loom.data.ingest._hash
 
     def grows_after_hashing(candidate):  # a camera still writing the file
         result = hash_then_grow(candidate)
@@ -233,7 +233,7 @@ def test_a_file_that_changes_while_ingested_is_not_stored_under_a_wrong_id(
             f.write(b"more bytes")
         return result
 
-    monkeypatch.setattr(loom.ingest, "_hash", grows_after_hashing)
+    monkeypatch.setattr(loom.data.ingest, "_hash", grows_after_hashing)
     report = ingest_folder(settings, src, round_no=1)
     assert report.added == []
     assert report.quarantined[0][1].startswith("changed while being ingested")
@@ -245,14 +245,14 @@ def test_an_unexpected_decoder_error_quarantines_that_file_only(
     src = tmp_path / "drop"
     write_png(src / "a.png", np.zeros((8, 8, 3), np.uint8))
     write_png(src / "b.png", np.full((8, 8, 3), 9, np.uint8))
-    decode = loom.ingest.decode_image
+    decode = loom.data.ingest.decode_image
 
     def flaky(data: bytes, name: Path, *args: object) -> np.ndarray:
         if Path(name).name == "a.png":
             raise KeyError("a decoder bug")
         return decode(data, name)
 
-    monkeypatch.setattr(loom.ingest, "decode_image", flaky)
+    monkeypatch.setattr(loom.data.ingest, "decode_image", flaky)
     report = ingest_folder(settings, src, round_no=1)
     assert len(report.added) == 1 and report.sources[report.added[0]].endswith("b.png")
     assert report.quarantined == [

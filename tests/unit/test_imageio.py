@@ -1,4 +1,4 @@
-"""loom.imageio: all modes read to (H, W, 3) uint8, bad files fail with a reason, bombs before decoding."""
+"""loom.data.imageio: all modes read to (H, W, 3) uint8, bad files fail with a reason, bombs before decode."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from loom.imageio import (
+from loom.data.imageio import (
     ImageReadError,
     MaskError,
     image_size,
@@ -338,7 +338,7 @@ def test_a_cut_header_names_its_format(tmp_path: Path) -> None:
 
 
 def test_no_pixels_and_files_too_large_to_be_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loom.imageio import _check_pixels, max_file_bytes
+    from loom.data.imageio import _check_pixels, max_file_bytes
 
     with pytest.raises(ImageReadError, match="no pixels: the header declares 0x16"):
         _check_pixels(tmp_path / "z.png", 0, 16, 100)

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES, load_settings
+from loom.data import manifest
+from loom.data.imageio import read_image, read_mask, write_png
+from loom.data.ingest import ingest_folder
 from loom.datasets.importers import defect_class, find_mvtec_category, import_mvtec, import_plain
-from loom.imageio import read_image, read_mask, write_png
-from loom.ingest import ingest_folder
 
 H, W = 12, 16
 

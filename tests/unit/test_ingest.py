@@ -1,4 +1,5 @@
-"""loom.ingest: good images stored as 8-bit RGB PNGs, bad files quarantined with reasons, re-ingest no-op."""
+"""loom.data.ingest: good images stored as 8-bit RGB PNGs, bad files quarantined with reasons, re-ingest
+no-op."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from loom import manifest
 from loom.config import Settings, load_settings
-from loom.imageio import read_image, write_mask, write_png
-from loom.ingest import ingest_folder
+from loom.data import manifest
+from loom.data.imageio import read_image, write_mask, write_png
+from loom.data.ingest import ingest_folder
 
 
 def mode_of(path: Path) -> str:

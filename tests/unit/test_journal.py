@@ -13,7 +13,7 @@ import pytest
 
 from loom import journal
 from loom.config import Settings
-from tasks.version import next_round_number
+from loom.services.versioning import next_round_number
 
 
 def test_a_new_round_is_claimed_and_an_interrupted_one_is_taken_up_again(settings: Settings) -> None:
@@ -133,7 +133,7 @@ def test_atomic_writes_never_leave_a_partial_file(settings: Settings) -> None:
 def test_resume_without_a_round_in_progress_says_so(settings: Settings) -> None:
     from typer.testing import CliRunner
 
-    from loom.cli import app
+    from app.cli import app
 
     result = CliRunner().invoke(app, ["round", "--workspace", str(settings.workspace), "--resume"])
     assert result.exit_code == 2

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from loom.cli import app
+from app.cli import app
 from loom.config import DEFAULT_CLASSES, load_settings
+from loom.data.ingest import ingest_folder
 from loom.datasets.fabric import LINE_SCAN_KINDS, build_line_frame, generate_line_scan
 from loom.datasets.fabric.linescan import LINE_KINDS, LinePlan, plan_frame
 from loom.datasets.folder import load_labeled_folder
-from loom.ingest import ingest_folder
 
 KINDS = list(LINE_SCAN_KINDS)
 H, W = 64, 1024

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from loom import metrics
+from loom.evaluation import metrics
 
 
 def _toy_split(seed: int = 0, n: int = 6, size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -220,7 +220,7 @@ def test_large_split_is_fast_enough() -> None:
 
 
 def test_per_class_bars_render_only_scored_classes():
-    from loom.plots import per_class_bars
+    from loom.evaluation.plots import per_class_bars
 
     assert per_class_bars({"miou": 0.5}, ("hole", "stain")) is None
     image = per_class_bars({"iou_hole": 0.5, "dice_hole": 0.66, "miou": 0.5}, ("hole", "stain"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loom.predict import class_color, overlay, predict_paths, unique_stems, write_predictions
+from loom.data.predict import class_color, overlay, predict_paths, unique_stems, write_predictions
 from models.student.fpn import FPNConfig, FPNSegmenter
 
 CLASSES = ("hole", "stain", "defect")
@@ -123,7 +123,7 @@ def test_predict_paths_writes_good_images_and_reports_a_corrupt_one(
     (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     paths = sorted(images.iterdir())
 
-    with caplog.at_level(logging.WARNING, logger="loom.predict"):
+    with caplog.at_level(logging.WARNING, logger="loom.data.predict"):
         progress: list[int] = []
         out = predict_paths(model_dir, paths, tmp_path / "out", CLASSES, on_progress=progress.append)
 

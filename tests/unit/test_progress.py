@@ -1,4 +1,4 @@
-"""loom/progress.py: the line format, when lines are written (fake clock), what the loops and the CLI say."""
+"""models/progress.py: the line format, when lines are written (fake clock), what loops and the CLI say."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from loom import progress as progress_module
-from loom.cli import app
+from app.cli import app
+from loom.data.imageio import write_png
 from loom.datasets.fabric import render_sample
-from loom.imageio import write_png
-from loom.progress import format_duration, format_rate, progress, progress_line, track
+from models import progress as progress_module
+from models.progress import format_duration, format_rate, progress, progress_line, track
 from models.student.training import TrainConfig, train_segmenter
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -62,9 +62,9 @@ class Lines(logging.Handler):
 
 @pytest.fixture
 def progress_lines() -> Iterator[list[str]]:
-    """What the ``loom.progress`` logger writes (its own handler: importing Prefect during a test replaces
+    """What the ``models.progress`` logger writes (its own handler: importing Prefect during a test replaces
     the root logger's handlers, caplog's included)."""
-    log = logging.getLogger("loom.progress")
+    log = logging.getLogger("models.progress")
     handler, level = Lines(), log.level
     log.setLevel(logging.INFO)
     log.addHandler(handler)

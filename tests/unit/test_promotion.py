@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from loom import metrics, promotion
-from loom.promotion import MIOU, PIXEL_AUROC, GateDecision, ModelStats
+from loom.evaluation import metrics, promotion
+from loom.evaluation.promotion import MIOU, PIXEL_AUROC, GateDecision, ModelStats
 
 CLASSES = ("hole", "stain", "knot")
 SIZE = 32

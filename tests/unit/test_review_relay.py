@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from loom.review_relay import (
+from loom.services.review_relay import (
     PendingReview,
     ReviewRelay,
     ReviewResumed,
@@ -92,7 +92,7 @@ def test_a_sweep_resumes_what_was_missed_and_arms_the_rest(settings) -> None:
 def test_loom_status_names_the_suspended_rounds(settings) -> None:
     from typer.testing import CliRunner
 
-    from loom.cli import app
+    from app.cli import app
 
     overdue, waiting = _review(-5), _review(1800)
     save_pending(settings, overdue)

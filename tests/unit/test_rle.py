@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loom.labelstudio import MalformedAnnotation, label_config, mask_to_results, results_to_mask
+from loom.services.labelstudio import MalformedAnnotation, label_config, mask_to_results, results_to_mask
 
 CLASSES = ("hole", "stain", "broken_yarn", "knot", "misweave", "defect")
 
@@ -123,7 +123,7 @@ def test_label_config_lists_every_class_for_brush_and_smart_clicks() -> None:
 
 
 def test_correction_separates_finding_the_region_from_naming_its_class():
-    from loom.annotator import compare_masks
+    from loom.services.annotator import compare_masks
 
     pred = np.zeros((8, 8), np.uint8)
     truth = np.zeros((8, 8), np.uint8)

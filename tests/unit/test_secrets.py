@@ -1,5 +1,6 @@
 """Workspace secrets: private from the first byte, never half-written, no key lost to a concurrent adder;
-the leak scan that looks for them (loom/secretscan.py) does find one that was planted; and the SSRF ban
+the leak scan that looks for them (loom/services/secretscan.py) does find one that was planted; and the SSRF
+ban
 list Label Studio gets lets the stack's host through and nothing else of its defaults."""
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 
 from loom import config
 from loom.config import PROJECT_ROOT, Settings, load_settings, read_workspace_secrets, workspace_secret
-from loom.secretscan import SECRET_ENV_VARS, scan_workspace, workspace_secrets
-from loom.stack import label_studio_banned_subnets
+from loom.services.secretscan import SECRET_ENV_VARS, scan_workspace, workspace_secrets
+from loom.services.stack import label_studio_banned_subnets
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,11 @@
-"""Review selection strategies (loom/selection.py): each does what its name promises."""
+"""Review selection strategies (loom/stages/selection.py): each does what its name promises."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from loom import selection
+from loom.stages import selection
 
 
 def _candidates(n: int = 8, **kw) -> selection.Candidates:

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from loom import manifest
 from loom.config import DEFAULT_CLASSES
+from loom.data import manifest
 from loom.datasets.fabric.render import _render
 from loom.datasets.fabric.scene import (
     DEFECT_KINDS,

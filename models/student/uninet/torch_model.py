@@ -39,7 +39,7 @@ from models.student.anomaly_base import (
     FrozenEncoder,
     check_normal_images,
     gaussian_blur,
-    robust_location_scale,
+    median_and_sigma,
     sample_pixels,
     upsample,
 )
@@ -164,7 +164,7 @@ class UniNetModel(AnomalyScorerMixin, PretrainedMixin, nn.Module):
             for index, level in enumerate(self.level_maps(batch.to(self.threshold.device))):
                 per_level[index].append(level.cpu())
         for index, maps in enumerate(per_level):
-            center, scale = robust_location_scale(sample_pixels(torch.cat(maps)))
+            center, scale = median_and_sigma(sample_pixels(torch.cat(maps)))
             self.level_center[index], self.level_scale[index] = center, scale
         self.train(was_training)
         super().calibrate(normal_images, batch_size)

@@ -100,8 +100,9 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from loom.progress import track
 from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
+from models.progress import track
+from models.robust_stats import median_and_sigma
 from models.teacher.backbone.features import PATCH_STRIDE, TEACHER_STRIDES, PatchFeatureExtractor
 from models.teacher.backbone.memory_bank import CompressedMemoryBank, MemoryBankConfig
 from models.teacher.backbone.pool_index import (
@@ -118,7 +119,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PATCH_STRIDE", "BackboneTeacher", "PatchFeatureExtractor", "TeacherConfig"]
 _MAX_PIXEL_SAMPLES = 1_000_000
-_MAD_TO_SIGMA = 1.4826
 _HELDOUT_FOLDS = 2
 
 
@@ -185,13 +185,6 @@ def _check_images(images: Sequence[np.ndarray], what: str = "image") -> None:
             raise ValueError(f"{what} {index} must be an (H, W, 3) uint8 array, got {described}")
 
 
-def _mad_sigma(values: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based standard deviation (floored so a constant sample does not divide by zero)."""
-    median = float(np.median(values))
-    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(values - median)))
-    return median, max(sigma, 1e-6 * abs(median) + 1e-12)
-
-
 def _pixel_sample(maps: Sequence[np.ndarray], seed: int) -> np.ndarray:
     """Up to 10^6 pixels drawn from `maps`, each map in proportion to its size."""
     total_pixels = sum(anomaly_map.size for anomaly_map in maps)
@@ -237,8 +230,8 @@ class BackboneTeacher:
             torch.manual_seed(self.config.seed)  # random weights (pretrained=False) also follow the seed
             backbone = load_pretrained_lite0(self.config.pretrained)
         # `extractor` keeps the stride-8/16 features with 3 x 3 context that region naming describes
-        # regions with (models/teacher/naming.py, loom/teachers.py); scoring uses the finer levels on the
-        # same network.
+        # regions with (models/teacher/naming.py, loom/stages/teachers.py); scoring uses the finer levels on
+        # the same network.
         self.extractor = PatchFeatureExtractor(backbone).eval()
         self._patch_features = self.extractor.sharing_backbone(TEACHER_STRIDES, context=1)
         self.pixel_threshold: float | None = None
@@ -354,7 +347,7 @@ class BackboneTeacher:
             self._predict_one(image, key, None)[1]
             for image, key in track(zip(pool, keys, strict=True), "teacher image scores", len(pool))
         ]
-        self._score_sigma = _mad_sigma(np.array(pool_scores))[1]
+        self._score_sigma = median_and_sigma(np.array(pool_scores))[1]
         logger.info(
             "backbone teacher: pool of %d, %d normals, %d clean neighbours, bank of %d, pixel threshold %.4f",
             len(pool),
@@ -428,8 +421,9 @@ class BackboneTeacher:
         for key, patches in track(features, "teacher scoring", len(pool)):
             if key not in self._pool_scores:
                 self._pool_scores[key] = self._raw_scores(patches, key)
-        neighbour_stats = _mad_sigma(torch.cat([s.neighbour for s in self._pool_scores.values()]).numpy())
-        reference_stats = _mad_sigma(torch.cat([s.reference for s in self._pool_scores.values()]).numpy())
+        pooled = list(self._pool_scores.values())
+        neighbour_stats = median_and_sigma(torch.cat([s.neighbour for s in pooled]).numpy())
+        reference_stats = median_and_sigma(torch.cat([s.reference for s in pooled]).numpy())
         self._standardise = (*neighbour_stats, *reference_stats)
 
     @torch.inference_mode()
@@ -478,7 +472,7 @@ class BackboneTeacher:
             self._global_reference = (keys, torch.stack([self._pool_descriptors[key] for key in keys]))
         gaps = [self._image_gap(descriptor, key) for key, descriptor in self._pool_descriptors.items()]
         finite = np.array([gap for gap in gaps if gap is not None])
-        return _mad_sigma(finite) if finite.size else None
+        return median_and_sigma(finite) if finite.size else None
 
     def _image_gap(self, descriptor: torch.Tensor, key: str) -> float | None:
         """How far an image's descriptor lies from the reference images that are not this very image.
@@ -511,7 +505,7 @@ class BackboneTeacher:
         """Median and MAD-sigma of the images' texture-energy maxima (None: the term is switched off)."""
         if not self.config.fine_texture:
             return None
-        return _mad_sigma(np.array([texture_energy(image).max() for image in images]))
+        return median_and_sigma(np.array([texture_energy(image).max() for image in images]))
 
     def _heldout_normal_maps(
         self, normals: Sequence[np.ndarray], normal_keys: list[str], normal_features: list[torch.Tensor]
@@ -540,7 +534,7 @@ class BackboneTeacher:
 
     def _choose_thresholds(self, maps: list[np.ndarray]) -> None:
         """`pixel_threshold` = median + threshold_mads x MAD-sigma of these maps' pixels; image one equal."""
-        median, sigma = _mad_sigma(_pixel_sample(maps, self.config.seed))
+        median, sigma = median_and_sigma(_pixel_sample(maps, self.config.seed))
         self._pixel_stats = (median, sigma)
         self.pixel_threshold = median + self.config.threshold_mads * sigma
         # The image score is the map's maximum, so this makes "anomalous" mean "has a non-empty mask".
@@ -616,7 +610,7 @@ class BackboneTeacher:
         ]
         scores = np.array([score for _, score in results])
         if update_thresholds:
-            self._score_sigma = _mad_sigma(scores)[1]
+            self._score_sigma = median_and_sigma(scores)[1]
         return [self._prediction(anomaly_map, score) for anomaly_map, score in results]
 
     def _predict_one(

@@ -48,7 +48,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from loom.progress import track
+from models.progress import track
+from models.robust_stats import median_and_sigma
 from models.teacher.openclip.prompts import class_prompts, state_prompts
 from models.teacher.openclip.weights import load_clip
 from models.teacher.openclip.windows import TileEmbeddings, WindowEncoder, harmonic_aggregate
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CLASS_NAMES: tuple[str, ...] = ("hole", "stain", "broken_yarn", "knot", "misweave")
 _MAX_PIXEL_SAMPLES = 1_000_000
-_MAD_TO_SIGMA = 1.4826
 
 
 @dataclass
@@ -116,13 +116,6 @@ def _check_images(images: Sequence[np.ndarray], what: str) -> None:
             raise ValueError(f"{what} image {index} must be an (H, W, 3) uint8 array, got {type(image)}")
         if image.shape[2] != 3 or min(image.shape[:2]) < 1:
             raise ValueError(f"{what} image {index} must be an (H, W, 3) uint8 array, got {image.shape}")
-
-
-def _mad_sigma(values: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based standard deviation, floored so that a constant sample does not divide by 0."""
-    median = float(np.median(values))
-    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(values - median)))
-    return median, max(sigma, 1e-6 * abs(median) + 1e-12)
 
 
 @torch.inference_mode()
@@ -322,14 +315,14 @@ class OpenClipTeacher:
             ]
             normal_pixels, image_scores = self._maps_and_scores(normals, normal_scores, rng)
             margin = self.config.normal_margin_mads
-            self.pixel_threshold = float(normal_pixels.max()) + margin * _mad_sigma(normal_pixels)[1]
-            self._score_sigma = _mad_sigma(pool_scores if len(pool_scores) else image_scores)[1]
+            self.pixel_threshold = float(normal_pixels.max()) + margin * median_and_sigma(normal_pixels)[1]
+            self._score_sigma = median_and_sigma(pool_scores if len(pool_scores) else image_scores)[1]
             self.image_threshold = float(image_scores.max()) + margin * self._score_sigma
             source = f"{len(normals)} normals (leave-one-out)"
         else:
-            median, sigma = _mad_sigma(pool_maps)
+            median, sigma = median_and_sigma(pool_maps)
             self.pixel_threshold = median + self.config.threshold_mads * sigma
-            median, self._score_sigma = _mad_sigma(pool_scores)
+            median, self._score_sigma = median_and_sigma(pool_scores)
             self.image_threshold = median + self.config.image_threshold_mads * self._score_sigma
             source = f"pool of {len(pool)}"
         logger.info(

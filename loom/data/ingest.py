@@ -12,8 +12,8 @@ Two kinds of input folder:
 
 Each good image is stored as an 8-bit RGB PNG ``data/images/<sha256 of the original bytes>.png``; the same
 bytes ingested again are a no-op. Each bad file is copied (never moved) to the workspace's ``quarantine/``
-(beside ``data/``, so DVC never pushes it; loom/quarantine.py) with a manifest row that keeps its reason and a
-line in ``quarantine/reasons.csv``; one bad file never stops the others.
+(beside ``data/``, so DVC never pushes it; loom/data/quarantine.py) with a manifest row that keeps its reason
+and a line in ``quarantine/reasons.csv``; one bad file never stops the others.
 
 Every entry found ends as added, duplicate or quarantined, never silently dropped. Entries that are not
 read at all are set aside with a reason line (and no manifest row, as they have no bytes to identify them):
@@ -24,9 +24,9 @@ read at all are set aside with a reason line (and no manifest row, as they have 
 - named pipes, sockets and devices are not opened: reading a pipe would wait forever.
 
 Files are opened without following a last-moment symbolic link and without blocking, a file larger than any
-image under the pixel limit is refused before it is read (``loom.imageio.max_file_bytes``), and a file whose
-bytes change between hashing and decoding (a copy still being written) is quarantined rather than stored under
-the wrong id.
+image under the pixel limit is refused before it is read (``loom.data.imageio.max_file_bytes``), and a file
+whose bytes change between hashing and decoding (a copy still being written) is quarantined rather than stored
+under the wrong id.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from typing import BinaryIO
 import numpy as np
 import pandas as pd
 
-from loom import manifest, quarantine
 from loom.config import Settings
-from loom.imageio import (
+from loom.data import manifest, quarantine
+from loom.data.imageio import (
     ImageReadError,
     MaskError,
     check_file_size,
@@ -60,7 +60,7 @@ from loom.imageio import (
     write_mask,
     write_png,
 )
-from loom.progress import progress
+from models.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -456,7 +456,7 @@ def _row(outcome: _Outcome, path: str, round_no: int) -> dict[str, object]:
 
 
 def _mapped(fn: Callable[..., object], items: Sequence[object], description: str) -> list:
-    """``[fn(x) for x in items]`` on a thread pool, in order, with progress (loom/progress.py)."""
+    """``[fn(x) for x in items]`` on a thread pool, in order, with progress (models/progress.py)."""
     results = []
     with progress(description, len(items), "files") as bar, ThreadPoolExecutor(_WORKERS) as pool:
         for result in pool.map(fn, items):

@@ -75,6 +75,9 @@ _HINTS: dict[str, str] = {
 
 #: The Pillow formats Loom opens (see the module doc); everything else is refused by name. JPEG includes
 #: MPO (Pillow opens multi-picture JPEGs from cameras through its JPEG plugin).
+#: File name endings taken for images where a folder is listed (ingest opens by content, not by name).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "DIB", "GIF", "WEBP", "PPM", "JPEG2000", "TGA")
 
 # Leading bytes of the accepted formats, to tell "a PNG whose header is cut or broken" from "not an image".

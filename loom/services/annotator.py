@@ -29,7 +29,7 @@ import requests
 from scipy import ndimage
 
 from loom.config import Settings
-from loom.labelstudio import (
+from loom.services.labelstudio import (
     PREANNOTATION_ID_PREFIX,
     MalformedAnnotation,
     connect,
@@ -119,7 +119,7 @@ class SimulatedAnnotator:
 
     Args:
         settings: the workspace settings (server URL).
-        token: the annotator's own API token (see :func:`loom.labelstudio.invite_annotator`).
+        token: the annotator's own API token (see :func:`loom.services.labelstudio.invite_annotator`).
         ground_truth: image_id -> (H, W) uint8 class-index mask (zeros for a normal image), or None
             when the truth is unknown; such tasks are left for a person.
         classes: the project's class names (mask value k is ``classes[k - 1]``).

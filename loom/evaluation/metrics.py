@@ -245,7 +245,7 @@ def intersection_union(
     """Dataset-wide per-class intersection, union and ground-truth pixel counts, classes 1..n_classes.
 
     These counts add up over images: the counts of a set of images are the sums of each image's counts,
-    which is what lets :mod:`loom.promotion` resample test images without predicting again.
+    which is what lets :mod:`loom.evaluation.promotion` resample test images without predicting again.
 
     Returns:
         Three ``(n_classes,)`` int64 arrays.

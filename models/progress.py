@@ -12,7 +12,7 @@ will end. So every long loop reports through :func:`progress` (or :func:`track`)
   Prefect prints them itself (a bar redrawn under Prefect's own console output would overwrite it).
 
 Lines go to the logger the caller gives; without one to Prefect's run logger when a run is active (this
-module never imports the tasks), else to the ``loom.progress`` logger. Reporting never touches what it
+module never imports the tasks), else to the ``models.progress`` logger. Reporting never touches what it
 reports on: no random draws, no synchronisation of devices, no reordering; per item it costs a counter and
 a clock read (and a call into rich while a bar is drawn).
 """
@@ -246,7 +246,7 @@ class Progress:
         total: how many items the loop will do; None when it cannot know (no ETA then). With 0 or 1 item
             nothing is shown (a caller passes 0 to switch progress off).
         unit: the items' plural noun (``"images"``, ``"steps"``, ``"pairs"``).
-        log: where lines go; default Prefect's run logger inside a run, else the ``loom.progress`` logger.
+        log: where lines go; default Prefect's run logger inside a run, else the ``models.progress`` logger.
         interval_s: least seconds between two lines (default ``$LOOM_PROGRESS_INTERVAL_S`` or 30 s).
         clock: monotonic seconds (a fake one in tests).
         terminal: draw a bar instead of writing lines (default: when stderr is a terminal and no Prefect

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from loom.imageio import ImageReadError, read_image, write_mask, write_png
-from loom.progress import progress
+from loom.data.imageio import ImageReadError, read_image, write_mask, write_png
+from models.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def predict_paths(
         classes: class names (mask value k is ``classes[k - 1]``); default: those stored with the model.
         overlays: also write overlay PNGs.
         on_progress: called with the number of images done (read or skipped) after each one, besides the
-            progress shown as ``predict`` (loom/progress.py).
+            progress shown as ``predict`` (models/progress.py).
     """
     # Imported here so that writing predictions (e.g. from the teacher) does not load the student code.
     from models.student.checkpoint import read_model_metadata

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from loom.config import Settings
-from loom.progress import track
+from models.progress import track
 from models.teacher.naming import RegionName, RegionPrototypes, name_regions
 from models.teacher.types import Teacher, TeacherPrediction
 
@@ -130,7 +130,7 @@ def label_images(
     """Fit `teacher` on the pool (and normals), predict the pool and name every region.
 
     Each pass over the pool reports its progress (``teacher features``, ``teacher scoring``, ...; see
-    loom/progress.py): on a pool of line-scan frames the whole takes tens of minutes.
+    models/progress.py): on a pool of line-scan frames the whole takes tens of minutes.
     """
     teacher.fit(pool, normals)
     labeled = name_predictions(settings, teacher, pool, teacher.predict(pool), prototypes)

@@ -9,7 +9,8 @@ server databases, masks) can be reached through Label Studio, whatever storage a
 
 The Defect-Click ML backend (``loom backend``) is connected to the project as an interactive model with
 basic auth, and a project webhook sends annotation events to it. Both live on 127.0.0.1, the one reserved
-address Label Studio's SSRF guard lets through here (``label_studio_banned_subnets`` in loom/stack.py):
+address Label Studio's SSRF guard lets through here (``label_studio_banned_subnets`` in
+loom/services/stack.py):
 private, link-local and the rest of loopback stay refused.
 """
 

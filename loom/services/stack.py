@@ -7,7 +7,8 @@ Every server runs on ``settings.ports.host`` (loopback) with all of its state un
 stack/
   labelstudio/   LABEL_STUDIO_BASE_DATA_DIR (sqlite, media)
   prefect/       PREFECT_HOME (sqlite, profiles, result storage)
-  mlflow/        mlflow.db + artifacts/ (rounds log through the server while it is up; see loom/tracking.py)
+  mlflow/        mlflow.db + artifacts/ (rounds log through the server while it is up; see
+  loom/services/tracking.py)
   backend/       the ML backend's records (interactions.jsonl, webhook events)
   pids/<name>.pid   "<pid>\\n<process start time>\\n" of the process-group leader
   logs/<name>.log   stdout + stderr, appended across starts
@@ -242,7 +243,7 @@ def _labelstudio_launch(settings: Settings) -> _Launch:
             label_studio_banned_subnets(settings.ports.host)
         ),
     }
-    from loom.labelstudio import link_images
+    from loom.services.labelstudio import link_images
 
     link_images(settings)
     argv = [str(_label_studio_bin()), "start", "--no-browser"]
@@ -272,8 +273,8 @@ def _prefect_worker_launch(settings: Settings) -> _Launch:
 def _mlflow_launch(settings: Settings) -> _Launch:
     mlflow_dir = settings.stack_dir / "mlflow"
     argv = [str(_venv_bin("mlflow")), "server", "--backend-store-uri", settings.mlflow_tracking_uri]
-    # Rounds log through this server while it is up (loom/tracking.py): it takes their artifacts and serves
-    # them (mlflow-artifacts:/), as a deployed tracking server does.
+    # Rounds log through this server while it is up (loom/services/tracking.py): it takes their artifacts and
+    # serves them (mlflow-artifacts:/), as a deployed tracking server does.
     argv += ["--serve-artifacts", "--artifacts-destination", str(settings.mlflow_artifacts_dir)]
     argv += ["--workers", "1"]
     argv += ["--host", settings.ports.host, "--port", str(settings.ports.mlflow)]
@@ -589,7 +590,7 @@ def _register_deployments(settings: Settings) -> None:
 def connect_backend(settings: Settings) -> tuple[int, int]:
     """Connect the ML backend to the workspace's Label Studio project (created if missing) as its
     interactive model; returns (project id, ML backend id)."""
-    from loom import labelstudio
+    from loom.services import labelstudio
 
     settings.images_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -601,7 +602,7 @@ def connect_backend(settings: Settings) -> tuple[int, int]:
 
 def backend_connection(settings: Settings) -> str:
     """One line for `loom status`: which Label Studio project the backend serves, or why none."""
-    from loom import labelstudio
+    from loom.services import labelstudio
 
     try:
         client = labelstudio.connect(settings)

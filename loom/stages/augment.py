@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from loom.imageio import read_image, read_mask, write_mask, write_png
-from loom.predict import class_color
+from loom.config import PROJECT_ROOT
+from loom.data.imageio import IMAGE_SUFFIXES, read_image, read_mask, write_mask, write_png
+from loom.data.predict import class_color
 from models.defect_gen.config import DefectGenConfig, preset
 from models.defect_gen.data import instance_labels
 from models.defect_gen.placement import feather_alpha
@@ -44,7 +45,7 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 MODES = ("defect_gen", "copy_paste")
 #: Where a cached Defect-Gen model's training report lives (its presence marks a finished model).
 TRAINING_REPORT = "training.json"
-_CODE_DIR = Path(__file__).resolve().parents[1] / "models" / "defect_gen"
+_CODE_DIR = PROJECT_ROOT / "models" / "defect_gen"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -550,7 +551,6 @@ def sample_grid(
 # ---------------------------------------------------------------------------------------------------------
 # Folder datasets (the CLI's input and output)
 # ---------------------------------------------------------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass

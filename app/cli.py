@@ -47,7 +47,7 @@ def up(
     deploy: bool = typer.Option(False, help="Also register the prefect.yaml deployments (nightly round)."),
 ) -> None:
     """Start Label Studio, Prefect (server + worker), the MLflow UI and the ML backend on 127.0.0.1."""
-    from loom import stack
+    from loom.services import stack
 
     settings = load_settings(workspace)
     typer.echo(stack.up(settings, deploy=deploy).table())
@@ -56,7 +56,7 @@ def up(
 @app.command()
 def down(workspace: Path = WorkspaceOpt) -> None:
     """Stop every server of the workspace's stack."""
-    from loom import stack
+    from loom.services import stack
 
     stack.down(load_settings(workspace))
     typer.echo("stack stopped")
@@ -68,8 +68,9 @@ def status(workspace: Path = WorkspaceOpt) -> None:
     which rounds are suspended waiting for people."""
     import time
 
-    from loom import journal, stack
-    from loom.review_relay import load_pending
+    from loom import journal
+    from loom.services import stack
+    from loom.services.review_relay import load_pending
 
     settings = load_settings(workspace)
     current = stack.status(settings)
@@ -98,7 +99,7 @@ def backend(
     port: int = typer.Option(None, help="Port (default: ports.backend of params.yaml or LOOM_BACKEND_PORT)."),
 ) -> None:
     """The Label Studio ML backend: smart key points -> brush masks (Defect-Click); `loom up` starts it."""
-    from loom.backend import serve
+    from loom.services.backend import serve
 
     settings = load_settings(workspace)
     serve(settings, host or settings.ports.host, port or settings.ports.backend)
@@ -107,7 +108,7 @@ def backend(
 @app.command()
 def init(workspace: Path = WorkspaceOpt) -> None:
     """Create the workspace: folders, its own git + DVC repo with a local remote."""
-    from loom import versioning
+    from loom.services import versioning
 
     settings = load_settings(workspace)
     versioning.init_repo(settings)
@@ -123,8 +124,8 @@ def ingest(
     split: str = typer.Option(None, help="Split for a plain folder (default train)."),
 ) -> None:
     """Ingest images: content-hash ids, dedupe, quarantine of unreadable files (each with a reason)."""
-    from loom.ingest import ingest_folder
-    from tasks.version import next_round_number
+    from loom.data.ingest import ingest_folder
+    from loom.services.versioning import next_round_number
 
     settings = load_settings(workspace)
     report = ingest_folder(settings, source, round_no=next_round_number(settings), split=split)
@@ -148,10 +149,10 @@ def round_(
 
     A round that was interrupted is finished first, under its own number, whether or not --resume is given.
     """
+    from app.runner import resume_suspended_round, run_round
     from loom.journal import RoundBusy
-    from loom.runner import resume_suspended_round, run_round
-    from loom.tracking import TrackingError
-    from loom.versioning import VersioningError
+    from loom.services.tracking import TrackingError
+    from loom.services.versioning import VersioningError
 
     settings = load_settings(workspace)
     try:
@@ -189,9 +190,9 @@ def train(
     out: Path = typer.Option(None, "--out", help="Where to save the student (with --data)."),
 ) -> None:
     """Train a student on the workspace's current human + auto-accepted labels, or on a folder dataset."""
-    from loom.runner import run_task
+    from app.runner import run_task
+    from loom.services.versioning import next_round_number
     from tasks.train import fit_student, folder_samples, train_student
-    from tasks.version import next_round_number
 
     settings = load_settings(workspace, epochs=epochs)
     if data is None:
@@ -215,8 +216,8 @@ def evaluate(
     """Evaluate a student on the workspace's frozen test split, or a folder dataset; print the metrics."""
     import json
 
+    from app.runner import resolve_model, run_task
     from loom.datasets.folder import load_labeled_folder
-    from loom.runner import resolve_model, run_task
     from tasks.train import TrainedStudent, evaluate_on, evaluate_student
 
     settings = load_settings(workspace)
@@ -275,8 +276,8 @@ def predict(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Segment images with a student; large frames (e.g. 4096x256 line-scan) are tiled and stitched."""
-    from loom.predict import predict_paths
-    from loom.runner import expand_images, resolve_model
+    from app.runner import expand_images, resolve_model
+    from loom.data.predict import predict_paths
 
     settings = load_settings(workspace)
     out_dir = predict_paths(resolve_model(settings, model), expand_images(images), out, settings.classes)
@@ -290,7 +291,7 @@ def export(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Export a student to ONNX for the line: uint8 RGB tiles in, class logits out (onnxruntime only)."""
-    from loom.runner import resolve_model
+    from app.runner import resolve_model
     from models.student.export import export_onnx
     from models.student.registry import load_student
 
@@ -316,7 +317,7 @@ def pseudo_label(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Pseudo-labels (maps, named masks, scores) over a pool, zero-shot or from a few normal images."""
-    from loom.runner import expand_images, teacher_predict_paths
+    from app.runner import expand_images, teacher_predict_paths
 
     settings = load_settings(workspace)
     normal_paths = expand_images([normals]) if normals else []
@@ -342,7 +343,7 @@ def demo(
     ),
 ) -> None:
     """The whole flywheel with a simulated annotator on loopback: the embedded fabric dataset, or --data."""
-    from loom.demo import run_demo
+    from app.demo import run_demo
 
     settings = load_settings(workspace or os.environ.get("LOOM_WORKSPACE") or "workspace")
     run_demo(settings, rounds=rounds, n_images=images, keep_running=keep_running, data=data)
@@ -472,7 +473,7 @@ def clicker_evaluate(
     on a folder of images + masks, from nothing and from the pre-annotation."""
     import json
 
-    from loom.clicking import METHODS, clicker_choice, evaluate_folder, format_table
+    from loom.stages.clicking import METHODS, clicker_choice, evaluate_folder, format_table
 
     settings = load_settings(workspace)
     names = [name.strip() for item in methods or [] for name in item.split(",") if name.strip()]
@@ -529,7 +530,7 @@ def clicker_pretrain(
     instead of training when its recipe key matches)."""
     import tempfile
 
-    from loom.clicking import pretrain_clicker, pretrained_clicker_root, ship_clicker
+    from loom.stages.clicking import pretrain_clicker, pretrained_clicker_root, ship_clicker
 
     settings = load_settings(workspace)
     config = config or settings.round.clicker_preset
@@ -581,7 +582,7 @@ def augment_train(
     workspace: Path = WorkspaceOpt,
 ) -> None:
     """Train Defect-Gen on labeled defects (or find it cached) and print its model folder."""
-    from loom.augment import instance_counts, load_folder, train_defect_gen
+    from loom.stages.augment import instance_counts, load_folder, train_defect_gen
     from models.defect_gen.config import PRESETS
 
     settings = load_settings(workspace)
@@ -624,7 +625,7 @@ def augment_generate(
     """Add N defects of one class to normal images (Defect-Gen or copy-paste) and write the pairs."""
     from functools import partial
 
-    from loom.augment import (
+    from loom.stages.augment import (
         MODES,
         copy_paste_pairs,
         generate_pairs,

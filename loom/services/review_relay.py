@@ -264,6 +264,6 @@ class ReviewRelay:
         )
 
     def _label_studio_progress(self, review: PendingReview) -> tuple[int, int]:
-        from loom import labelstudio
+        from loom.services import labelstudio
 
         return labelstudio.review_progress(self.settings, review.project_id, review.task_ids)

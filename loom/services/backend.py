@@ -20,7 +20,7 @@ small, so it is implemented here on the web stack Prefect already brings.
   route but ``/health``.
 - ``/webhook`` records annotation events; ``START_TRAINING`` (and ``/train``) start the clicker's
   fine-tuning as a Prefect deployment run, never inside the request.
-- The review relay (``loom/review_relay.py``): ``POST /review/suspended`` registers a round about to
+- The review relay (``loom/services/review_relay.py``): ``POST /review/suspended`` registers a round about to
   suspend; annotation webhooks, a deadline timer and a periodic sweep resume it.
 
 Every interactive answer is appended to ``stack/backend/interactions.jsonl`` (task, label, region, click
@@ -52,16 +52,16 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from scipy import ndimage
 from starlette.concurrency import run_in_threadpool
 
-from loom.clicking import champion_clicker_pointer, pretrained_clicker_root
 from loom.config import Settings
-from loom.labelstudio import (
+from loom.services.labelstudio import (
     CLICKER_ID_PREFIX,
     SERVED_IMAGES,
     MalformedAnnotation,
     decode_region,
     mask_to_results,
 )
-from loom.review_relay import PendingReview, ReviewRelay
+from loom.services.review_relay import PendingReview, ReviewRelay
+from loom.stages.clicking import champion_clicker_pointer, pretrained_clicker_root
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ImageStore:
         return path
 
     def read(self, data: dict[str, Any]) -> tuple[str, np.ndarray]:
-        from loom.imageio import ImageReadError, read_image
+        from loom.data.imageio import ImageReadError, read_image
 
         path = self.path_of(data)
         with self._lock:
@@ -191,7 +191,7 @@ class ClickerHolder:
         return thread
 
     def _prepare(self) -> None:
-        from loom.clicking import pretrain_clicker
+        from loom.stages.clicking import pretrain_clicker
 
         try:
             self.state = "pretraining"
@@ -246,7 +246,7 @@ class StudentHolder:
         self._version: str | None = None
 
     def get(self) -> tuple[Any, str]:
-        from loom.tracking import champion, download_student
+        from loom.services.tracking import champion, download_student
         from models.student.registry import load_student
 
         current = champion(self.settings)

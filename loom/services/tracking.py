@@ -95,7 +95,7 @@ class TrackingError(RuntimeError):
 def server_answers(settings: Settings) -> bool:
     """Whether this workspace's own MLflow server (started by ``loom up``, not any server on that port)
     runs and answers its health check."""
-    from loom import stack
+    from loom.services import stack
 
     if stack.service_pid(settings, "mlflow") is None:
         return False

@@ -8,14 +8,14 @@ in milliseconds and without predicting again.
 The metric (:func:`gate_metric`):
 
 - both models segmenters (FPN, BAFPN): mIoU over the classes present in the truth, exactly as
-  :func:`loom.metrics.miou` computes it;
+  :func:`loom.evaluation.metrics.miou` computes it;
 - an anomaly scorer (CFA, RD4AD, UniNet) on either side: pixel AUROC of the anomaly maps, a metric both
   kinds have (a scorer marks every defect as the generic ``defect``, so its mIoU says little).
 
 To keep a thousand resamples of the pixel AUROC fast, each image's scores are kept as a histogram over
 B = 1024 bins whose edges are quantiles of every 4th pixel along each axis (all pixels are counted, only
 the edges come from the subsample): a resample is then one matrix product, and the AUROC is within about
-1/B of :func:`loom.metrics.pixel_auroc` (pairs of pixels that share a bin count one half).
+1/B of :func:`loom.evaluation.metrics.pixel_auroc` (pairs of pixels that share a bin count one half).
 
 The rule (:func:`decide`): promote when there is no champion, or when the lower end of the confidence
 interval of the difference is above ``min_gain`` and no class regresses by more than ``class_tolerance``
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from loom.metrics import intersection_union, iou_from_counts, miou_from_counts
+from loom.evaluation.metrics import intersection_union, iou_from_counts, miou_from_counts
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def gate_metric(challenger: ModelStats, champion: ModelStats | None) -> str:
 
 
 def metric_value(stats: ModelStats, metric: str) -> float:
-    """The metric on the whole split; mIoU is exactly :func:`loom.metrics.miou` of the same outputs."""
+    """The metric on the whole split; mIoU is exactly :func:`~loom.evaluation.metrics.miou` of the outputs."""
     if metric == MIOU:
         return miou_from_counts(stats.intersection.sum(0), stats.union.sum(0), stats.gt_pixels.sum(0))
     return float(_resampled(stats, metric, np.ones((1, stats.n_images)))[0])
@@ -306,7 +306,8 @@ class GateDecision:
         return {k: _none_if_nan(v) for k, v in asdict(self).items()}
 
     def to_tags(self) -> dict[str, str]:
-        """String tags ``loom.promotion.<field>``, readable in the MLflow UI and by :meth:`from_tags`.
+        """String tags ``loom.evaluation.promotion.<field>``, readable in the MLflow UI and by
+        :meth:`from_tags`.
 
         ``promoted`` comes last: written in this order, its presence means the whole record is there.
         """

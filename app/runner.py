@@ -13,10 +13,9 @@ from typing import Any
 from uuid import UUID
 
 from loom.config import Settings
+from loom.data.imageio import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @contextmanager
@@ -24,7 +23,7 @@ def prefect_api(settings: Settings) -> Iterator[str]:
     """Use the stack's Prefect server when it is up (runs show in its UI), else Prefect's ephemeral mode."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    from loom import stack
+    from loom.services import stack
 
     home = settings.stack_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
@@ -56,7 +55,7 @@ def resume_suspended_round(settings: Settings) -> bool:
     from prefect.flow_runs import resume_flow_run
 
     from loom import journal
-    from loom.review_relay import ReviewResumed, drop_pending
+    from loom.services.review_relay import ReviewResumed, drop_pending
     from tasks.version import suspended_run
 
     current = journal.load(settings)
@@ -85,7 +84,7 @@ def resolve_model(settings: Settings, ref: str | Path) -> Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json: pass a student folder saved by Loom")
         return path
-    from loom.tracking import download_student
+    from loom.services.tracking import download_student
 
     return download_student(settings, str(ref))
 
@@ -108,7 +107,7 @@ def expand_images(paths: Sequence[Path]) -> list[Path]:
 
 def _read_images(paths: Sequence[Path]) -> tuple[list, list[str]]:
     """Readable images and their stems; unreadable files are reported and skipped."""
-    from loom.imageio import ImageReadError, read_image
+    from loom.data.imageio import ImageReadError, read_image
 
     images, stems = [], []
     for p in paths:
@@ -134,11 +133,11 @@ def teacher_predict_paths(
     Up to `shots` of `normals` serve as known-good references (few-shot); the workspace's human labels, when
     it has any, name the regions (prototypes).
     """
-    from loom import manifest
-    from loom.predict import write_predictions
-    from loom.progress import track
-    from loom.teachers import build_prototypes, build_teacher, label_images
-    from tasks.pseudo_label import human_references
+    from loom.data import manifest
+    from loom.data.human import human_references
+    from loom.data.predict import write_predictions
+    from loom.stages.teachers import build_prototypes, build_teacher, label_images
+    from models.progress import track
 
     images, stems = _read_images(paths)
     if not images:

@@ -27,14 +27,14 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from loom import labelstudio, stack
-from loom.annotator import ClickPolicy, SimulatedAnnotator
+from app.runner import run_round
 from loom.config import PROJECT_ROOT, Settings, workspace_secret
+from loom.data.imageio import read_mask
 from loom.datasets.fabric import generate
 from loom.datasets.stream import batches_from_folder
-from loom.imageio import read_mask
-from loom.plots import curve_points, round_curve
-from loom.runner import run_round
+from loom.evaluation.plots import curve_points, round_curve
+from loom.services import labelstudio, stack
+from loom.services.annotator import ClickPolicy, SimulatedAnnotator
 
 log = logging.getLogger(__name__)
 

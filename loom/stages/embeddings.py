@@ -1,4 +1,4 @@
-"""Image embeddings for diversity-aware review selection (loom/selection.py).
+"""Image embeddings for diversity-aware review selection (loom/stages/selection.py).
 
 One vector per image from the frozen ImageNet EfficientNet-Lite0 patch features (strides 8 and 16, the
 region descriptors' levels): the mean over patches says which fabric it is, the max over patches keeps

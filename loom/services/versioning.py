@@ -29,6 +29,7 @@ import yaml
 
 from loom.config import Settings
 from loom.journal import fault_point
+from loom.journal import load as load_journal
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,18 @@ def round_tags(settings: Settings) -> list[str]:
     return sorted(_git(settings, "tag", "--list", "round-*").stdout.split())
 
 
+def next_round_number(settings: Settings) -> int:
+    """The round in progress (a rerun finishes it), else one more than the highest recorded or tagged."""
+    current = load_journal(settings)
+    if current is not None:
+        return current.round_no
+    done = [
+        int(p.name) for p in settings.rounds_dir.glob("[0-9][0-9][0-9][0-9]") if (p / "round.json").exists()
+    ]
+    done += [int(tag.removeprefix("round-")) for tag in round_tags(settings)]
+    return max(done, default=0) + 1
+
+
 def file_at_tag(settings: Settings, tag: str, path: str) -> str:
     """The text of ``path`` (relative to the workspace) as committed under ``tag``."""
     shown = _git(settings, "show", f"refs/tags/{tag}:{path}", check=False)
@@ -206,7 +219,7 @@ def _dvc_configured(settings: Settings) -> bool:
 # ---- versioning a round ----------------------------------------------------------------------------------
 
 
-def version_round(
+def commit_round(
     settings: Settings,
     round_no: int,
     paths_to_commit: Sequence[Path] = (),

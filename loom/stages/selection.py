@@ -20,7 +20,7 @@ first. The strategies:
 
 Besides the strategy's picks a round sends a few images drawn uniformly at random among those auto-accept
 may take (the audit): they are exchangeable with the images that get auto-accepted, which is what
-calibrating auto-accept needs (loom/calibration.py). The strategies are measured side by side in
+calibrating auto-accept needs (loom/stages/calibration.py). The strategies are measured side by side in
 BENCHMARKS.md ("The flywheel, simulated").
 """
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from loom.config import DEFAULT_CLASSES, Settings
+from loom.config import DEFAULT_CLASSES, PROJECT_ROOT, Settings
 from models.clicker import (
     ClickerConfig,
     ClickObject,
@@ -54,7 +54,7 @@ from models.clicker.noc import OBJECT_GAP, STARTS, NocRun
 log = logging.getLogger(__name__)
 
 #: Pre-trained clickers shipped with the project: ``<recipe key>/config.json`` + ``decoder.safetensors``.
-SHIPPED_CLICKERS = Path(__file__).resolve().parent.parent / "models" / "clicker" / "shipped"
+SHIPPED_CLICKERS = PROJECT_ROOT / "models" / "clicker" / "shipped"
 #: Weights of a ClickSegmenter that belong to the backbone (not shipped: they are the ImageNet ones).
 BACKBONE_PREFIX = "backbone."
 
@@ -437,7 +437,7 @@ def teacher_prelabels(
 ) -> Prelabels:
     """The project's teacher zero-shot over ``images`` (the pool it labels), as a round pre-annotates."""
     from loom.config import load_settings
-    from loom.teachers import build_teacher
+    from loom.stages.teachers import build_teacher
 
     settings = settings or load_settings()
     model, why = build_teacher(settings, teacher)
@@ -454,7 +454,7 @@ def teacher_prelabels(
 
 def read_prelabels(prelabels_dir: Path, stems: Sequence[str], shapes: Sequence[tuple[int, int]]) -> Prelabels:
     """Pre-annotations in the prediction layout (``masks/<stem>.png``, optional ``maps/<stem>.npy``)."""
-    from loom.imageio import read_mask
+    from loom.data.imageio import read_mask
 
     prelabels_dir = Path(prelabels_dir)
     masks, maps = [], []
@@ -474,8 +474,7 @@ def read_folder(
     images_dir: Path, masks_dir: Path
 ) -> tuple[list[str], list[np.ndarray], list[np.ndarray | None]]:
     """Images of a folder (sorted by name) and their masks (``masks_dir/<stem>.png``, None when missing)."""
-    from loom.imageio import read_image, read_mask
-    from loom.runner import IMAGE_SUFFIXES
+    from loom.data.imageio import IMAGE_SUFFIXES, read_image, read_mask
 
     if not Path(images_dir).is_dir():
         raise FileNotFoundError(f"{images_dir} is not a folder of images")

@@ -1,4 +1,4 @@
-"""Markdown tables for BENCHMARKS.md from a demo run (`python -m loom.bench WORKSPACE`).
+"""Markdown tables for BENCHMARKS.md from a demo run (`python -m app.bench WORKSPACE`).
 
 Reads ``WORKSPACE/demo_summary.json`` and the round records that `loom demo` wrote, so every number
 in the tables comes from one run on one machine.

@@ -1,0 +1,1 @@
+"""Entry points: the `loom` command, the demo, and running flows in this process (the top layer)."""

@@ -1,0 +1,1 @@
+"""Metrics, the promotion gate and the figures logged with each round."""
