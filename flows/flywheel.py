@@ -1,4 +1,4 @@
-"""One flywheel round as a Prefect flow: a readable sequence of task calls (see DESIGN.md, "One round")."""
+"""One flywheel round as a Prefect flow: a readable sequence of task calls (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The manifest: one row per image, stored as parquet (the contract of DESIGN.md).
+"""The manifest: one row per image, stored as parquet (the contract in docs/architecture.md).
 
 ``image_id`` is the sha256 of the image's bytes, so re-ingesting the same bytes is a no-op.
 ``path`` is relative to the workspace's ``data/`` folder so a checked-out round is relocatable.

@@ -306,8 +306,7 @@ class GateDecision:
         return {k: _none_if_nan(v) for k, v in asdict(self).items()}
 
     def to_tags(self) -> dict[str, str]:
-        """String tags ``loom.evaluation.promotion.<field>``, readable in the MLflow UI and by
-        :meth:`from_tags`.
+        """String tags ``loom.promotion.<field>``, readable in the MLflow UI and by :meth:`from_tags`.
 
         ``promoted`` comes last: written in this order, its presence means the whole record is there.
         """

@@ -7,8 +7,8 @@ Every server runs on ``settings.ports.host`` (loopback) with all of its state un
 stack/
   labelstudio/   LABEL_STUDIO_BASE_DATA_DIR (sqlite, media)
   prefect/       PREFECT_HOME (sqlite, profiles, result storage)
-  mlflow/        mlflow.db + artifacts/ (rounds log through the server while it is up; see
-  loom/services/tracking.py)
+  mlflow/        mlflow.db + artifacts/ (rounds log through the server while it is up:
+                 loom/services/tracking.py)
   backend/       the ML backend's records (interactions.jsonl, webhook events)
   pids/<name>.pid   "<pid>\\n<process start time>\\n" of the process-group leader
   logs/<name>.log   stdout + stderr, appended across starts
