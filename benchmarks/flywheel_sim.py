@@ -103,7 +103,7 @@ def dataset(args: argparse.Namespace, classes: tuple[str, ...]) -> tuple[list, l
     ``--work``), else of the embedded data generated under ``--work``."""
     from loom.datasets.fabric import generate
     from loom.datasets.folder import load_labeled_folder
-    from loom.datasets.stream import frozen_test_split
+    from loom.datasets.stream import choose_test_split
 
     folder = args.data
     if folder is None:
@@ -113,7 +113,7 @@ def dataset(args: argparse.Namespace, classes: tuple[str, ...]) -> tuple[list, l
         if not (folder / "manifest.parquet").exists():
             generate(folder, n_images=n, test_fraction=0.2, seed=0, classes=classes)
     items = load_labeled_folder(folder, classes)
-    test = frozen_test_split(folder, [item.stem for item in items], args.work, 0.25, seed=0)
+    test = choose_test_split(folder, [item.stem for item in items], args.work, 0.25, seed=0)
     return [item for item in items if item.stem not in test], [item for item in items if item.stem in test]
 
 
@@ -214,7 +214,7 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
     )
     flagged = np.array([labeled[i].class_mask.any() for i in open_])
     acceptable = calibration.acceptable(open_uncertainty, flagged)
-    provisional = calibration.auto_accept(
+    provisional = calibration.passed_labels(
         arm.audit_confidence, arm.audit_wrong, open_uncertainty, flagged, args.risk
     )
     plan = selection.plan_review(
@@ -228,7 +228,7 @@ def sim_round(args, settings, seed, round_no, arm, pool, predictions, embeddings
         arm.reviewed[ids[open_[k]]] = pool[open_[k]].mask
 
     rest = [k for k in range(len(open_)) if k not in set(plan.review)]
-    passed = calibration.auto_accept(
+    passed = calibration.passed_labels(
         arm.audit_confidence, arm.audit_wrong, open_uncertainty[rest], flagged[rest], args.risk
     )
     accepted = [open_[rest[j]] for j in np.flatnonzero(passed)]

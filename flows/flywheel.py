@@ -44,10 +44,10 @@ def flywheel_round(
         workspace, review_budget=review_budget, review_timeout_s=review_timeout_s, epochs=epochs
     )
     with claimed_round(settings) as claimed:
-        return run_round(settings, claimed, source)
+        return round_steps(settings, claimed, source)
 
 
-def run_round(settings: Settings, claimed: RoundJournal, source: str | None) -> dict[str, Any]:
+def round_steps(settings: Settings, claimed: RoundJournal, source: str | None) -> dict[str, Any]:
     """The round's steps, in order, for the round ``claimed`` (held by the caller)."""
     round_no = claimed.round_no
     clock = StepClock(settings)

@@ -212,6 +212,6 @@ def passes_auto_accept(
     settings: Settings, uncertainty: np.ndarray, flagged: np.ndarray, audits: pd.DataFrame
 ) -> np.ndarray:
     """(N,) bool: which pseudo-labels calibrated auto-accept takes, on the answered ``audits``."""
-    return calibration.auto_accept(
+    return calibration.passed_labels(
         audits["confidence"], audits["wrong"], uncertainty, flagged, settings.round.accept_risk
     )

@@ -25,7 +25,7 @@ from loom.data.imageio import IMAGE_SUFFIXES, MaskError, read_image, read_mask
 
 
 @dataclass
-class LabeledImage:
+class FolderImage:
     stem: str
     image: np.ndarray  # (H, W, 3) uint8 RGB
     mask: np.ndarray  # (H, W) uint8 class ids
@@ -47,7 +47,7 @@ def load_labeled_folder(
     classes: Sequence[str],
     masks: Path | None = None,
     split: str | None = None,
-) -> list[LabeledImage]:
+) -> list[FolderImage]:
     """Images and class masks of a folder dataset, sorted by stem.
 
     Args:
@@ -80,7 +80,7 @@ def load_labeled_folder(
                 f"{path.name} has no mask {mask_path}: give every image a mask (all zeros when defect-free)"
             )
         image = read_image(path)
-        out.append(LabeledImage(path.stem, image, read_class_mask(mask_path, classes, image.shape[:2])))
+        out.append(FolderImage(path.stem, image, read_class_mask(mask_path, classes, image.shape[:2])))
     return out
 
 

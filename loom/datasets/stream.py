@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 TEST_SPLIT_FILE = "test-split.json"
 
 
-def frozen_test_split(
+def choose_test_split(
     data: Path, stems: Sequence[str], out: Path, test_fraction: float, seed: int
 ) -> set[str]:
     """Test-split stems: the dataset's own (manifest ``split``), else drawn once and kept in ``out``."""
@@ -69,7 +69,7 @@ def batches_from_folder(
     if all((batch / "manifest.parquet").exists() for batch in wanted):
         return wanted
     items = {item.stem: item for item in load_labeled_folder(Path(data), classes)}
-    test = frozen_test_split(Path(data), list(items), out, test_fraction, seed)
+    test = choose_test_split(Path(data), list(items), out, test_fraction, seed)
     train = [stem for stem in sorted(items) if stem not in test]
     if len(train) < rounds:
         raise ValueError(f"{data}: {len(train)} train images cannot make {rounds} batches; use fewer rounds")

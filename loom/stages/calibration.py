@@ -118,7 +118,7 @@ def accept(
     return AcceptDecision(accepted, threshold, n, error)
 
 
-def auto_accept(
+def passed_labels(
     audit_confidence: np.ndarray,
     audit_wrong: np.ndarray,
     uncertainty: np.ndarray,

@@ -73,5 +73,5 @@ def test_only_confident_images_without_a_predicted_defect_are_candidates():
     uncertainty = np.array([0.1, 0.1, 0.6, 0.4])
     flagged = np.array([False, True, False, False])
     assert calibration.acceptable(uncertainty, flagged).tolist() == [True, False, False, True]
-    passed = calibration.auto_accept(np.full(20, 0.95), np.zeros(20, bool), uncertainty, flagged, 0.1)
+    passed = calibration.passed_labels(np.full(20, 0.95), np.zeros(20, bool), uncertainty, flagged, 0.1)
     assert passed.tolist() == [True, False, False, True]  # a flagged image waits for people however sure
