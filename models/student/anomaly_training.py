@@ -8,10 +8,8 @@ same random crops and augmentation (:class:`SegmentationSamples`). What differs:
   losses skip those pixels). A supervised model (UniNet with ``supervised=True``) trains on every sample,
   images with defects drawn about half of the time when they are rarer.
 - ``turns_and_jitter=False`` trains on the crops as they are (no flips, quarter turns or colour jitter).
-  Kept as an option, not the default, because it does not win overall (BENCHMARKS.md, 1,200 crops): CFA
-  on conformal-clip local defects 0.764 image AUROC without them against 0.642 with, but 0.573 against
-  0.696 on global ones, and on the embedded data AUPRO@0.3 0.872 against 0.899 and defect IoU 0.012
-  against 0.229.
+  Kept as an option, not the default: neither wins on every dataset (BENCHMARKS.md, "Students on
+  conformal-clip-data").
 - The loss takes the model's training-mode output, not logits: ``loss_fn(model(images), masks, weights)``.
 - Before the first step, a model that has ``initialize_from_normals`` (CFA's k-means memory bank) gets a
   batch of normal training crops; after the last, batch-norm statistics are re-estimated and

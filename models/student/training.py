@@ -392,8 +392,8 @@ def predict_images(
     softmax probabilities are stitched before the argmax, so seams do not flip classes. The padding is
     what training crops of small images get and what the exported model needs; without it, a 250 x 250
     image meets zero padding inside the network where training never did, and the anomaly scorers,
-    calibrated on tile-sized crops, read its border as a defect (CFA put every conformal-clip image
-    ~25 calibration scales above its threshold, image AUROC 0.5).
+    calibrated on tile-sized crops, read its border as a defect (BENCHMARKS.md, "Students on
+    conformal-clip-data").
 
     Args:
         model: a segmentation student (eval-mode output may be logits or a ``SegmentationOutput``).

@@ -83,9 +83,8 @@ class PatchFeatureExtractor(nn.Module):
         """(P, D) patch features of one image -> (D_coarse,) the mean of its stride >= 8 levels.
 
         Describes the image as a whole (which fabric, which weave angle and density). The finer levels are
-        left out: averaged over an image they are dominated by sensor noise and lighting, which on the
-        conformal-clip textiles drowned a change of the whole weave (image AUROC 0.71 with them, 1.00
-        without, one reference image).
+        left out: averaged over an image they are dominated by sensor noise and lighting, which drowns a
+        change of the whole weave (BENCHMARKS.md).
         """
         first = sum(feature_dim([stride]) for stride in self.strides if stride < PATCH_STRIDE)
         return patches[:, first:].mean(dim=0)

@@ -2,12 +2,10 @@
 
 Speckle, lint, pin-holes and loose fibre ends change fabric at the scale of single pixels. The teacher's
 finest Lite0 level (stride 2) is average-pooled to the stride-8 patch grid, where such noise largely
-cancels; pooling that level by its maximum or its RMS instead made things worse on the conformal-clip
-speckles (image AUROC 0.85 / 0.87 against 0.90, 300 nominal + 100 local defects). The local energy of the
-image's Laplacian, a classic texture-energy measure, keeps it: on the same images it alone separates the
-speckled ones at image AUROC 0.999. On the embedded fabric data the same map alone is a poor defect map
-(pixel AUROC 0.72: weaves differ in fine texture, most defects are not pixel-scale), so the teacher lets it
-in only where it stands far above the pool's typical level (torch_model.py).
+cancels (pooling it by its maximum or RMS instead does not help). The local energy of the image's
+Laplacian, a classic texture-energy measure, keeps it. Alone it is a poor defect map on fabric (weaves
+differ in fine texture, most defects are not pixel-scale), so the teacher lets it in only where it stands
+far above the pool's typical level (torch_model.py). Measurements in BENCHMARKS.md.
 """
 
 from __future__ import annotations

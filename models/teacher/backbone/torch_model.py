@@ -9,9 +9,7 @@ channels). The stride-2 and stride-4 maps are average-pooled to the stride-8 gri
 upsampled to it; each level is L2-normalised on its own (so the 112-channel level does not drown the
 others) and the levels are concatenated, scaled to unit norm: 192 dimensions per stride-8 patch. The
 fine levels see small high-frequency defects (pin-holes, speckle) that the stride-8/16 features average
-away; no neighbourhood pooling on top (it blurs exactly those). Measured on the conformal-clip textile
-images (300 nominal + 100 local defects), these features raise the zero-shot image AUROC from 0.78 (the
-stride-8/16 features with 3 x 3 pooling) to 0.89, on the embedded fabric data the pixel AUROC stays at 0.99.
+away; no neighbourhood pooling on top (it blurs exactly those).
 
 Scoring, for every image of the pool (fit) and any new image (predict), in three steps:
 1. Screening: each pool image against a random bank of `screen_bank_size` pool patches, its own patches
@@ -24,11 +22,9 @@ Scoring, for every image of the pool (fit) and any new image (predict), in three
 3. Reference score (b): the softmin score of a compressed memory bank (CFA-style, memory_bank.py) fitted
    on the normals' patches, or, without normals, on `reference_patches` sampled from the
    `reference_fraction` of images the screening ranks lowest (pseudo-normals).
-Combination, chosen by measurement: patch score = mean of a and b after each is standardised by the
-median and MAD-sigma of its pool patches. On the conformal-clip local defects (1,000 nominal + 500), the
-image AUROC of a alone is 0.87, b alone 0.90, the mean 0.90; on the embedded fabric pool (many fabrics,
-where a pseudo-normal bank covers each fabric only thinly) a alone gives AUPRO 0.973, b 0.957, the mean
-0.974. The minimum of the two was no better on either (0.895 and 0.966).
+Combination: patch score = mean of a and b after each is standardised by the median and MAD-sigma of its
+pool patches. Chosen by measurement against a alone, b alone and their minimum (BENCHMARKS.md); b alone is
+weaker on a pool of many fabrics, which a pseudo-normal bank covers only thinly.
 
 Maps. Patch scores are bilinearly upsampled to the tile, tiles are blended (models/tiling.py), the map is
 Gaussian-smoothed (`smoothing_sigma` pixels) and the image's own median is subtracted: a fabric that is
@@ -40,9 +36,8 @@ descriptor (the mean of its coarse patch features, features.py): with normals, t
 normal; without, the mean distance to its nearest other pool images, `global_neighbour_fraction` of the pool
 and at least `global_neighbours` (a k-NN density at image level). A whole-image defect is found while it is
 rarer than that fraction: then its nearest neighbours must include good fabric. With fewer neighbours than
-there are alike defects they vouch for each other: on 1,000 conformal-clip nominal + 50 global defects,
-image AUROC 0.69 with 20 neighbours, 1.00 with 105 (10%), the local defects unchanged. A defect that makes
-up a third of the pool cannot be found this way (0.52 with 10% or 20%). That gap is standardised by its
+there are alike defects they vouch for each other; a defect that makes up a third of the pool cannot be
+found this way (BENCHMARKS.md). That gap is standardised by its
 median and MAD-sigma over the pool and mapped onto the pixel scale (floor = pixel median + z x pixel sigma);
 the image score is max(map maximum, floor). When the floor passes the pixel threshold and exceeds the map's
 own maximum, the map is raised to it and the mask covers the image; a large local defect also moves the
@@ -50,23 +45,17 @@ descriptor, but then its own region stands out more and stays the mask. Judged a
 against the normals alone, a pool of many fabrics (where most images are far from a handful of normals) is
 not flagged wholesale.
 
-Defaults (k = 2 nearest rows, 16 neighbour images) were chosen on 300 conformal-clip nominal + 100 local
-defect images and the embedded fabric pool together, then kept for every dataset: against k = 3 and 8
-images they raised the conformal local image AUROC from 0.893 to 0.911 and the fabric AUPRO@0.3 from
-0.979 to 0.982, at 13.5 instead of 16 images/s (BENCHMARKS.md has the full table).
+Defaults (k = 2 nearest rows, 16 neighbour images) were chosen by measurement on conformal-clip local
+defects and the embedded fabric pool together, then kept for every dataset (BENCHMARKS.md).
 
 Pixel-scale texture. Speckle-sized defects that the pooled features miss show in the local energy of the
 image's Laplacian (texture.py). Each image's maximum of that energy is standardised by the median and
 MAD-sigma of those maxima over the pool, like the global term, and the energy map is put on the pixel scale
 the same way (pixel median + z x pixel sigma); the map is the maximum of the two. A typical image's texture
 then sits at z ~ 0, below its own map maximum (~3 pixel sigmas), and adds nothing; only fine texture far
-stronger than the pool's usual maximum marks a place. Measured with this teacher's maps on 600
-conformal-clip nominal + 40 local + 40 global defects, zero-shot: local image AUROC 0.868 -> 0.983, global
-0.9998 either way; on the embedded fabric pool the pixel AUROC, AUPRO@0.3 and image AUROC stay exactly as
-they were, zero- and one-shot. In the full benchmark (BENCHMARKS.md) the local rows went from 0.886 to 0.991
-(1,000 nominal + 50) and 0.905 (+ 500). Standardising by the pool's pixels instead (with a margin of 2
-sigmas) put nominal images' ordinary texture peaks above their maps and swamped the global term (global
-image AUROC 0.52 -> 0.07 with 500 global defects in the pool).
+stronger than the pool's usual maximum marks a place. The energy is judged against the pool's image maxima,
+not its pixels: against the pixels, nominal images' ordinary texture peaks rise above their maps and swamp
+the global term (BENCHMARKS.md).
 
 Thresholds, masks and uncertainty (robust statistics, no labels):
 - without normals: `pixel_threshold` = median + `threshold_mads` x MAD-sigma of the pool's pixel scores

@@ -70,12 +70,12 @@ class OpenClipTeacherConfig:
     downloaded into the cache on a machine that can reach the hub); both None = random weights, for tests
     and cost measurements only. `tile_size` is in input pixels: an image up to that size on both sides is
     resized whole to the model's input (the default fits the project's 256-pixel images to a 240 input).
-    `window_layers`: None = exact token masking in every block (~12x one `encode_image` pass on
-    ViT-B-16-plus-240: 2,670 window tokens against 226); k = the first blocks run once on the whole image
-    and only the last k blocks run per window, each window's class token attending to that window's patch
-    tokens alone. The default 1 costs ~1.3x `encode_image` (FLOPs, benchmarks/openclip_cost.py) and is
-    what makes the VLM teacher affordable on a CPU line; windows then carry some context from the earlier,
-    shared blocks. Set None for the exact method when a GPU makes the cost irrelevant.
+    `window_layers`: None = exact token masking in every block (on ViT-B-16-plus-240, 2,670 window tokens
+    against 226 for the image); k = the first blocks run once on the whole image and only the last k
+    blocks run per window, each window's class token attending to that window's patch tokens alone. The
+    default 1 is what makes the VLM teacher affordable on a CPU line (cost of both in BENCHMARKS.md, "The
+    open_clip teacher: cost per image"); windows then carry some context from the earlier, shared blocks.
+    Set None for the exact method when a GPU makes the cost irrelevant.
     """
 
     model_name: str = "ViT-B-16-plus-240"
