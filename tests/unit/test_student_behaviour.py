@@ -48,10 +48,10 @@ SETUPS: dict[str, dict[str, Any]] = {
     },
     "rd4ad": {
         "model": {"tiny": False},
-        "train": AnomalyTrainConfig(epochs=8, batch_size=4, lr=5e-3, image_size=SIZE, reference_crops=12),
+        "train": AnomalyTrainConfig(epochs=16, batch_size=4, lr=4e-2, image_size=SIZE, reference_crops=12),
     },
     "uninet": {
-        "model": {"tiny": False, "bottleneck_channels": 32, "decoder_channels": 8, "contrast_positions": 32},
+        "model": {"tiny": False, "bottleneck_channels": 32, "contrast_positions": 32},
         "train": AnomalyTrainConfig(epochs=8, batch_size=4, lr=5e-3, image_size=SIZE, reference_crops=12),
     },
 }

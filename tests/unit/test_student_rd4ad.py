@@ -12,8 +12,11 @@ import torch
 from models.backbone.efficientnet_lite import normalize
 from models.student.anomaly_base import gaussian_blur, position_weights
 from models.student.anomaly_training import AnomalyTrainConfig, normal_samples, train_anomaly_model
+from models.student.export import export_onnx, onnx_predict, onnx_session
 from models.student.fpn import SegmentationOutput
 from models.student.rd4ad import DistillationOutput, RD4ADConfig, RD4ADLoss, RD4ADModel
+from models.student.rd4ad.torch_model import InvertedResidual, OneClassBottleneck, ReverseDecoder
+from tests.students import settle_batch_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,7 +28,6 @@ def tiny_rd4ad(seed: int = 0, **overrides: object) -> RD4ADModel:
         "tiny": True,
         "image_size": 64,
         "bottleneck_channels": 32,
-        "decoder_channels": 8,
     }
     return RD4ADModel(RD4ADConfig(**{**settings, **overrides}))
 
@@ -79,6 +81,64 @@ def test_shapes_in_train_and_eval_mode(tiny: bool) -> None:
     assert result.logits.shape == (2, 3, 40, 56)
     assert result.anomaly_map.shape == result.pred_mask.shape == (2, 40, 56)
     assert result.score.shape == (2,)
+
+
+def test_decoder_mirrors_lite0_stages_in_reverse() -> None:
+    model = tiny_rd4ad(tiny=False, pretrained=False, bottleneck_channels=320)
+    stages = [
+        [(b.depthwise[0].in_channels, b.project[0].out_channels, b.depthwise[0].kernel_size[0], b.upsample)
+         for b in stage]
+        for stage in model.decoder.stages
+    ]  # fmt: skip
+    # Lite0 stages 7, 6, 5, 4, 3: (output -> input width, kernel, blocks); the stride-2 ones upsample first.
+    assert [len(stage) for stage in stages] == [1, 4, 3, 3, 2]
+    assert [(s[0][1], s[0][2], s[0][3]) for s in stages] == [
+        (192, 3, False),
+        (112, 5, True),
+        (80, 5, False),
+        (40, 3, True),
+        (24, 5, True),
+    ]
+    assert stages[0][0][0] == 320 * 6  # expansion 6 of the embedding
+    assert not any(up for stage in stages for _, _, _, up in stage[1:])
+    assert model.decoder.levels == (None, 2, None, 1, 0)
+    # The OCE: Lite0 stages 6 (4 blocks, 5x5, stride 2 first) and 7 (1 block, 3x3, -> E).
+    oce = [
+        [(b.project[0].out_channels, b.depthwise[0].stride[0]) for b in s] for s in model.bottleneck.stages
+    ]
+    assert oce == [[(192, 2), (192, 1), (192, 1), (192, 1)], [(320, 1)]]
+
+
+def test_decoder_keeps_the_call_used_by_uninet() -> None:
+    channels = (8, 16, 16)
+    bottleneck, decoder = OneClassBottleneck(channels, 32), ReverseDecoder(32, channels)
+    levels = [torch.randn(2, c, h, w) for c, (h, w) in zip(channels, [(9, 13), (5, 7), (3, 4)], strict=True)]
+    embedding = bottleneck(levels)
+    assert embedding.shape == (2, 32, 2, 2)
+    outputs = decoder(embedding, [level.shape[-2:] for level in levels])
+    assert [o.shape for o in outputs] == [level.shape for level in levels]
+
+
+def test_upsampling_block_hits_the_requested_size_and_plain_blocks_keep_theirs() -> None:
+    up = InvertedResidual(16, 8, 5, 6, "up")
+    assert up(torch.randn(1, 16, 3, 4), torch.Size([5, 7])).shape == (1, 8, 5, 7)
+    down = InvertedResidual(8, 16, 5, 6, "down")
+    assert down(torch.randn(1, 8, 5, 7)).shape == (1, 16, 3, 4)
+    same = InvertedResidual(8, 8, 3, 6)
+    assert same.use_residual and same(torch.randn(1, 8, 5, 7)).shape == (1, 8, 5, 7)
+
+
+def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+    model = tiny_rd4ad()
+    settle_batch_norm(model, normal_batch(8, seed=9))
+    model.calibrate(normal_batch(4))
+    path = export_onnx(model, tmp_path / "rd4ad.onnx")
+    images = np.stack([with_square(fabric(np.random.default_rng(3))), fabric(np.random.default_rng(4))] * 2)
+    with torch.no_grad():
+        expected = model.segment(normalize(images)).numpy()
+    logits = onnx_predict(onnx_session(path, num_threads=1), images)
+    assert logits.shape == expected.shape == (4, 3, 64, 64)
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=0)
 
 
 def test_encoder_stays_frozen_in_training_mode() -> None:

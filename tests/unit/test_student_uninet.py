@@ -1,5 +1,5 @@
-"""UniNet student: shapes, pseudo-logits, calibration, checkpoints, the loss's terms, supervised and
-unsupervised training."""
+"""UniNet student: shapes, the two teachers, DFS, the weighted decision, pseudo-logits, calibration,
+checkpoints, the loss's terms, supervised and unsupervised training."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ import torch
 
 from models.backbone.efficientnet_lite import normalize
 from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
+from models.student.export import export_onnx, onnx_predict, onnx_session
 from models.student.fpn import SegmentationOutput
 from models.student.rd4ad import DistillationOutput
 from models.student.uninet import UniNetConfig, UniNetLoss, UniNetModel
+from models.student.uninet.torch_model import weighted_decision
+from tests.students import settle_batch_norm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -25,7 +28,6 @@ def tiny_uninet(seed: int = 0, **overrides: object) -> UniNetModel:
         "tiny": True,
         "image_size": 64,
         "bottleneck_channels": 32,
-        "decoder_channels": 8,
         "contrast_positions": 32,
     }
     return UniNetModel(UniNetConfig(**{**settings, **overrides}))
@@ -67,27 +69,96 @@ def test_shapes_in_train_and_eval_mode() -> None:
     output = model(x)
     assert isinstance(output, DistillationOutput)
     assert [t.shape for t in output.teacher] == [s.shape for s in output.student]
-    assert [t.shape[-2:] for t in output.teacher] == [(10, 14), (5, 7), (3, 4)]
+    # Six pairs: the source teacher's three levels, then the target teacher's.
+    assert [t.shape[-2:] for t in output.teacher] == [(10, 14), (5, 7), (3, 4)] * 2
     model.eval()
     with torch.no_grad():
         result = model(x)
     assert isinstance(result, SegmentationOutput)
     assert result.logits.shape == (2, 3, 40, 56) and result.anomaly_map.shape == (2, 40, 56)
-    assert result.score.shape == (2,)
+    assert result.score.shape == (2,) and ((result.score >= 0) & (result.score <= 1)).all()
 
 
-def test_supervised_flag_follows_the_config() -> None:
+def test_supervised_flag_and_temperature_follow_the_config() -> None:
     assert UniNetModel.supervised is False
     assert tiny_uninet().supervised is False
     assert tiny_uninet(supervised=True).supervised is True
+    assert tiny_uninet().config.temperature == 2.0
+    assert tiny_uninet(supervised=True).config.temperature == 0.1
+    assert tiny_uninet(temperature=0.5).config.temperature == 0.5
 
 
-def test_feature_selection_starts_neutral_and_stays_in_range() -> None:
+def test_target_teacher_starts_as_the_source_and_only_it_trains() -> None:
+    model = tiny_uninet().eval()
+    x = normal_batch(2)
+    with torch.no_grad():
+        for source, target in zip(model.encoder(x), model.target(x), strict=True):
+            torch.testing.assert_close(source, target)
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    source_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    target_before = [t.detach().clone() for t in model.target(x)]
+
+    model.train()
+    loss_fn = UniNetLoss.from_config(model.config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = loss_fn(model(x), torch.zeros(2, 64, 64, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in source_before.items())
+    assert any(offset.abs().sum() > 0 for offset in model.target.offsets())
+    model.eval()
+    with torch.no_grad():
+        moved = [(t - before).abs().max() for t, before in zip(model.target(x), target_before, strict=True)]
+    assert max(moved) > 0
+
+
+def test_target_teacher_moves_target_lr_ratio_times_slower() -> None:
+    model = tiny_uninet(target_lr_ratio=1e-3)
+    conv = model.target.network.stages[0][0]
+    base = conv.parametrizations.weight.original
+    assert not base.requires_grad and conv.parametrizations.weight[0].offset.requires_grad
+    with torch.no_grad():
+        conv.parametrizations.weight[0].offset.fill_(2.0)
+    torch.testing.assert_close(conv.weight, base + 2e-3)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in model.target.offsets()} <= trainable
+    assert not any(id(p) in trainable for p in model.encoder.parameters())
+
+
+def test_dfs_starts_at_theta_one_stays_in_range_and_weights_are_spatial() -> None:
     model = tiny_uninet()
-    assert all(torch.equal(w, torch.ones_like(w)) for w in model.selection.weights())
-    for logit in model.selection.logits:
-        logit.data.fill_(50.0)
-    assert all(torch.all(w <= 1.5) for w in model.selection.weights())
+    selection = model.selection
+    assert all(
+        torch.equal(selection.theta(level), torch.ones_like(selection.theta(level))) for level in range(3)
+    )
+    for phi in selection.phi:
+        phi.data.fill_(-50.0)
+    assert all(torch.all(selection.theta(level) >= 0.5) for level in range(3))
+
+    teacher = torch.zeros(2, 8, 6, 6)
+    teacher[:, :, 2, 3] = 5.0  # every channel fires at one position
+    weights = selection.weights(teacher, 0)
+    assert weights.shape == teacher.shape and (weights > 0).all()
+    assert (weights[:, :, 2, 3] > 10 * weights[:, :, 0, 0]).all()  # weights vary over positions
+    # The selected student maps are the decoder's maps times these weights.
+    student = torch.ones(2, 8, 6, 6)
+    torch.testing.assert_close(selection([student], [teacher])[0], weights)
+
+
+def test_weighted_decision_averages_the_top_share_of_pixels() -> None:
+    anomaly_map = torch.zeros(2, 10, 10)
+    anomaly_map[0].view(-1)[:5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    anomaly_map[1].view(-1)[:5] = 1.0
+    peaks = [torch.full((2, 3, 3), 2.0), torch.full((2, 3, 3), 2.0)]  # both kept, mean 2
+    # alpha 0.015: share 0.03 -> the top 3 of 100 pixels.
+    scores = weighted_decision(peaks, anomaly_map, alpha=0.015, beta=1e-4)
+    torch.testing.assert_close(scores, torch.tensor([4.0, 1.0]))
+    # beta floors the share: at least one pixel, the maximum.
+    scores = weighted_decision([torch.zeros(2, 3, 3)], anomaly_map, alpha=0.015, beta=1e-4)
+    torch.testing.assert_close(scores, torch.tensor([5.0, 1.0]))
 
 
 def test_segment_gives_pseudo_logits_with_p_defect_equal_to_sigmoid_z() -> None:
@@ -102,11 +173,11 @@ def test_segment_gives_pseudo_logits_with_p_defect_equal_to_sigmoid_z() -> None:
     assert probs[:, 1:3].max() < 1e-6
 
 
-def test_calibrate_standardises_levels_and_puts_normal_pixels_below_the_threshold() -> None:
+def test_calibrate_puts_normal_pixels_below_the_threshold() -> None:
     model = tiny_uninet().eval()
     calibration = normal_batch(8, seed=1)
     model.calibrate(calibration)
-    assert not torch.equal(model.level_scale, torch.ones(3)) and (model.level_scale > 0).all()
+    assert model.scale > 0
     assert (model.raw_maps(calibration) > model.threshold).float().mean() <= 0.002
     with torch.no_grad():
         assert (model(normal_batch(4, seed=2)).anomaly_map > 0.5).float().mean() < 0.05
@@ -114,15 +185,36 @@ def test_calibrate_standardises_levels_and_puts_normal_pixels_below_the_threshol
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     model = tiny_uninet(supervised=True)
+    with torch.no_grad():
+        for offset in model.target.offsets():
+            offset.normal_()  # a trained target teacher differs from the source
+        model.selection.phi[0].normal_()
     model.calibrate(normal_batch(4))
     model.save_pretrained(tmp_path)
     loaded = UniNetModel.from_pretrained(tmp_path)
-    assert loaded.supervised is True
-    assert torch.equal(loaded.level_center, model.level_center)
+    assert loaded.supervised is True and loaded.config.temperature == 0.1
     x = normal_batch(2, seed=5)
     with torch.no_grad():
         expected, actual = model.eval()(x), loaded(x)
     assert torch.equal(expected.logits, actual.logits)
+    assert torch.equal(expected.score, actual.score)
+    assert torch.equal(model.selection.theta(0), loaded.selection.theta(0))
+
+
+def test_onnx_export_matches_torch(tmp_path: Path) -> None:
+    model = tiny_uninet()
+    with torch.no_grad():
+        for offset in model.target.offsets():
+            offset.normal_()
+    settle_batch_norm(model, normal_batch(8, seed=9))
+    model.calibrate(normal_batch(4))
+    path = export_onnx(model, tmp_path / "uninet.onnx")
+    images = np.stack([with_square(fabric(np.random.default_rng(3))), fabric(np.random.default_rng(4))] * 2)
+    with torch.no_grad():
+        expected = model.segment(normalize(images)).numpy()
+    logits = onnx_predict(onnx_session(path, num_threads=1), images)
+    assert logits.shape == expected.shape == (4, 2, 64, 64)
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=0)
 
 
 def test_margin_term_pushes_labelled_defect_positions_away_from_the_teacher() -> None:
@@ -132,9 +224,9 @@ def test_margin_term_pushes_labelled_defect_positions_away_from_the_teacher() ->
     normal_masks = torch.zeros(2, 12, 12, dtype=torch.long)
     defect_masks = normal_masks.clone()
     defect_masks[:, :6, :6] = 1
-    loss = UniNetLoss(contrast_positions=36)
+    loss = UniNetLoss(temperature=0.1, contrast_positions=36)
     # A student that copies the teacher everywhere is right on normal positions, wrong on defects.
-    assert loss(perfect, defect_masks) > loss(perfect, normal_masks) + 0.3
+    assert loss(perfect, defect_masks) > loss(perfect, normal_masks) + 0.1
     unrelated = DistillationOutput(teacher=teacher, student=[torch.randn(2, 8, 6, 6)])
     assert loss(perfect, normal_masks) < loss(unrelated, normal_masks) - 0.3
     opposite = DistillationOutput(
@@ -143,7 +235,34 @@ def test_margin_term_pushes_labelled_defect_positions_away_from_the_teacher() ->
     assert loss(opposite, defect_masks) < loss(perfect, defect_masks)
 
 
-def test_loss_decreases_over_a_few_steps() -> None:
+def test_contrastive_term_prefers_the_own_position_over_a_copy_of_the_average() -> None:
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 8, 6, 6) + 2.0  # a shared component, like a uniform weave
+    average = teacher.mean(dim=(2, 3), keepdim=True).expand_as(teacher)
+    masks = torch.zeros(1, 12, 12, dtype=torch.long)
+    loss = UniNetLoss(cosine_weight=0.0, temperature=0.1, contrast_positions=36)
+    own = DistillationOutput(teacher=[teacher], student=[teacher.clone()])
+    painted = DistillationOutput(teacher=[teacher], student=[average.contiguous()])
+    assert loss(own, masks) < loss(painted, masks) - 1.0
+
+
+def test_ignored_pixels_count_as_neither_normal_nor_defect() -> None:
+    torch.manual_seed(0)
+    teacher = [torch.randn(2, 8, 6, 6)]
+    output = DistillationOutput(teacher=teacher, student=[torch.randn(2, 8, 6, 6)])
+    masks = torch.zeros(2, 12, 12, dtype=torch.long)
+    masks[:, :, :6] = 255
+    loss = UniNetLoss(contrast_positions=36)
+    half = DistillationOutput(teacher=[teacher[0][..., 3:]], student=[output.student[0][..., 3:]])
+    # The cosine term over the unignored half equals the same term on that half alone.
+    only_cosine = UniNetLoss(cosine_weight=1.0, normal_margin=0.0, contrast_positions=36)
+    torch.testing.assert_close(
+        only_cosine(output, masks), only_cosine(half, torch.zeros(2, 12, 6, dtype=torch.long))
+    )
+    assert torch.isfinite(loss(output, masks))
+
+
+def test_loss_is_finite_and_decreases_over_a_few_steps() -> None:
     model = tiny_uninet().train()
     images = normal_batch(4)
     masks = torch.zeros(4, 64, 64, dtype=torch.long)
@@ -151,31 +270,52 @@ def test_loss_decreases_over_a_few_steps() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(15):
-        torch.manual_seed(0)  # the same contrastive positions each step
+        torch.manual_seed(0)  # the same contrastive anchors each step
         loss = loss_fn(model(images), masks)
+        assert torch.isfinite(loss)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    # At temperature 2 the contrastive and margin terms sit near log(N) and 1; the fall is in the cosine.
+    assert losses[-1] < losses[0] - 0.5
 
 
 class RecordingLoss(UniNetLoss):
     def __init__(self) -> None:
         super().__init__(contrast_positions=32)
         self.defect_pixels = 0
+        self.defect_anchor_weight = 0.0
 
     def forward(self, output: DistillationOutput, masks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.defect_pixels += int(((masks > 0) & (masks != 255)).sum())
         return super().forward(output, masks, weights)
 
+    def pair_loss(self, teacher, student, normal, defect):  # type: ignore[no-untyped-def]
+        self.defect_anchor_weight += float(defect.sum())
+        return super().pair_loss(teacher, student, normal, defect)
+
 
 @pytest.mark.parametrize("supervised", [False, True], ids=["unsupervised", "supervised"])
-def test_training_sees_defects_only_when_supervised(supervised: bool) -> None:
+def test_training_uses_defect_positions_only_when_supervised(supervised: bool) -> None:
     loss = RecordingLoss()
     config = AnomalyTrainConfig(epochs=1, batch_size=4, image_size=64, reference_crops=4)
     train_anomaly_model(tiny_uninet(supervised=supervised), loss, square_samples(4, 4), config)
     assert (loss.defect_pixels > 0) == supervised
+    assert (loss.defect_anchor_weight > 0) == supervised
+
+
+def test_anchors_draw_defect_positions_when_there_are_some() -> None:
+    from models.student.uninet.loss import anchor_positions
+
+    normal = torch.ones(4, 400)
+    defect = torch.zeros(4, 400)
+    defect[:, :8] = 1.0
+    normal[:, :8] = 0.0
+    anchors = anchor_positions(normal, defect, 32)
+    assert anchors.shape == (4, 32)
+    assert all(len(set(row.tolist())) == 32 for row in anchors)
+    assert ((anchors < 8).sum(dim=1) >= 4).all()  # about half would be 16; at random, 32 / 400 * 8 < 1
 
 
 @pytest.mark.parametrize("supervised", [False, True], ids=["unsupervised", "supervised"])
@@ -192,4 +332,5 @@ def test_short_training_scores_a_bright_square_above_plain_fabric(supervised: bo
     with torch.no_grad():
         result = model(normalize(np.stack([square, *plains])))
     assert result.score[0] > result.score[1:].max()
-    assert result.anomaly_map[0, 20:34, 24:38].mean() > 0.5 > result.anomaly_map[1:].mean()
+    inside = result.anomaly_map[0, 20:34, 24:38].mean()
+    assert inside > result.anomaly_map[1:].amax() and inside > result.anomaly_map[1:].mean() + 0.3

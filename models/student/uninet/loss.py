@@ -1,18 +1,24 @@
-"""UniNet loss: cosine pull + similarity-contrastive term + margins, per level, summed.
+"""UniNet loss: cosine term + similarity-contrastive term + margin term, per (teacher, student) pair, summed.
 
-Per level, with t and s the teacher's and student's selected features and cos their cosine similarity
-at each position:
+Per pair, with t the teacher map and s the DFS-selected student map (B, C, h, w), and for a position i of
+an image
 
-- cosine term: mean (1 - cos) over normal positions;
-- similarity-contrastive term (InfoNCE over positions): for a sample of positions of each image, the
-  softmax over ``cos(s_i, t_j) / temperature`` across j must put its mass on j = i. Pulling s_i to t_i is
-  not enough on a texture where every patch resembles every other; this term makes the student keep what
-  is particular to each position, so a local defect cannot be painted over with the average weave;
-- margin term: relu(normal_margin - cos) on normal positions (the hard ones get extra pull) plus
-  relu(cos - defect_margin) on labelled defect positions (supervised training only).
+    p_i = softmax_j( cos(s_i, t_j) / temperature )  at j = i,   j over all h * w positions of that image
 
-The level loss is ``cosine_weight * cosine + (1 - cosine_weight) * contrastive + margin``. Positions count
-by their share of normal (or defect) pixels times the sample weight; unlabelled pixels count as neither.
+the probability that the student's feature at i is matched to the teacher's at its own position rather
+than anywhere else in the image:
+
+- cosine term: mean (1 - cos(s_i, t_i)) over normal positions;
+- similarity-contrastive term: mean -log p_i over normal positions (positive: the teacher's own
+  position; negatives: every other position of the same image);
+- margin term: mean relu(normal_margin - p_i) over normal positions plus, with labelled defects
+  (supervised training), mean relu(p_i - defect_margin) over defect positions.
+
+Pair loss = ``cosine_weight * cosine + (1 - cosine_weight) * contrastive + margin``. Positions count by
+their share of normal (or defect) pixels times the sample weight; unlabelled pixels (IGNORE_INDEX) count
+as neither. The contrastive and margin terms are evaluated at ``contrast_positions`` anchors per image
+(drawn at random, defect positions as often as normal ones when there are any), their softmax over all
+positions.
 """
 
 from __future__ import annotations
@@ -23,43 +29,52 @@ from torch import nn
 
 from models.student.anomaly_base import position_weights, weighted_mean
 from models.student.rd4ad.torch_model import DistillationOutput
-from models.student.uninet.torch_model import UniNetConfig
+from models.student.uninet.torch_model import UNSUPERVISED_TEMPERATURE, UniNetConfig
 
 
-def contrastive_per_position(
-    teacher: torch.Tensor, student: torch.Tensor, positions: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE over positions of each image.
+def anchor_positions(normal: torch.Tensor, defect: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) normal and defect weights -> (B, P) anchor indices, P = min(count, N), without repeats.
+
+    All positions are eligible; defect positions are drawn with a combined weight equal to the normal
+    ones', so a small defect still supplies anchors.
+    """
+    positions = normal.shape[1]
+    if count >= positions:
+        return torch.arange(positions, device=normal.device).expand(normal.shape[0], -1)
+    is_defect = (defect > 0).float()
+    boost = positions / is_defect.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return torch.multinomial(1.0 + boost * is_defect, count, replacement=False)
+
+
+def own_position_log_probability(
+    teacher: torch.Tensor, student: torch.Tensor, anchors: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """log p_i at the anchors.
 
     Args:
         teacher, student: (B, C, h, w).
-        positions: positions sampled per image (all of them when the map has fewer).
+        anchors: (B, P) flat position indices.
         temperature: softmax temperature.
 
     Returns:
-        loss (B, P) per sampled position, and the (P,) flat indices of the sampled positions.
+        (B, P) log softmax_j(cos(s_i, t_j) / temperature) at j = i, j over all positions of the image.
     """
     teacher = F.normalize(teacher.flatten(2), dim=1)  # (B, C, N)
     student = F.normalize(student.flatten(2), dim=1)
-    count = teacher.shape[-1]
-    chosen = torch.randperm(count, device=teacher.device)[:positions] if count > positions else None
-    if chosen is None:
-        chosen = torch.arange(count, device=teacher.device)
-    teacher, student = teacher[:, :, chosen], student[:, :, chosen]
-    logits = torch.einsum("bci,bcj->bij", student, teacher) / temperature  # (B, P, P)
-    targets = torch.arange(len(chosen), device=logits.device).expand(logits.shape[0], -1)
-    return F.cross_entropy(logits, targets, reduction="none"), chosen
+    chosen = student.gather(2, anchors.unsqueeze(1).expand(-1, student.shape[1], -1))  # (B, C, P)
+    log_probs = torch.log_softmax(torch.einsum("bcp,bcn->bpn", chosen, teacher) / temperature, dim=-1)
+    return log_probs.gather(2, anchors.unsqueeze(-1)).squeeze(-1)
 
 
 class UniNetLoss(nn.Module):
-    """Sum over levels of the cosine, contrastive and margin terms (see the module docstring)."""
+    """Sum over the (teacher, student) pairs of the cosine, contrastive and margin terms (see above)."""
 
     def __init__(
         self,
         cosine_weight: float = 0.7,
-        temperature: float = 0.5,
+        temperature: float = UNSUPERVISED_TEMPERATURE,
         contrast_positions: int = 256,
-        normal_margin: float = 0.9,
+        normal_margin: float = 1.0,
         defect_margin: float = 0.5,
     ) -> None:
         super().__init__()
@@ -71,6 +86,7 @@ class UniNetLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: UniNetConfig) -> UniNetLoss:
+        assert config.temperature is not None  # set by UniNetConfig.__post_init__
         return cls(
             config.cosine_weight,
             config.temperature,
@@ -79,18 +95,19 @@ class UniNetLoss(nn.Module):
             config.defect_margin,
         )
 
-    def level_loss(
+    def pair_loss(
         self, teacher: torch.Tensor, student: torch.Tensor, normal: torch.Tensor, defect: torch.Tensor
     ) -> torch.Tensor:
-        """Loss of one level: features (B, C, h, w), position weights (B, h, w)."""
-        cos = F.cosine_similarity(teacher, student, dim=1)  # (B, h, w)
-        cosine = weighted_mean(1 - cos, normal)
-        per_position, chosen = contrastive_per_position(
-            teacher, student, self.contrast_positions, self.temperature
-        )
-        contrastive = weighted_mean(per_position, normal.flatten(1)[:, chosen])
-        margin = weighted_mean(F.relu(self.normal_margin - cos), normal) + weighted_mean(
-            F.relu(cos - self.defect_margin), defect
+        """Loss of one pair: maps (B, C, h, w), position weights (B, h, w)."""
+        cosine = weighted_mean(1 - F.cosine_similarity(teacher, student, dim=1), normal)
+        normal, defect = normal.flatten(1), defect.flatten(1)
+        anchors = anchor_positions(normal, defect, self.contrast_positions)
+        log_p = own_position_log_probability(teacher, student, anchors, self.temperature)
+        p = log_p.exp()
+        normal, defect = normal.gather(1, anchors), defect.gather(1, anchors)
+        contrastive = weighted_mean(-log_p, normal)
+        margin = weighted_mean(F.relu(self.normal_margin - p), normal) + weighted_mean(
+            F.relu(p - self.defect_margin), defect
         )
         return self.cosine_weight * cosine + (1 - self.cosine_weight) * contrastive + margin
 
@@ -99,7 +116,7 @@ class UniNetLoss(nn.Module):
     ) -> torch.Tensor:
         """
         Args:
-            output: training-mode output of :class:`UniNetModel` (selected teacher and student levels).
+            output: training-mode output of :class:`UniNetModel` (teacher maps, DFS-selected student maps).
             masks: (B, H, W) class masks of the crops (0 normal, >0 defect, IGNORE_INDEX unknown).
             weights: (B,) per-sample weights or None.
 
@@ -109,5 +126,5 @@ class UniNetLoss(nn.Module):
         loss = output.student[0].new_zeros(())
         for teacher, student in zip(output.teacher, output.student, strict=True):
             normal, defect = position_weights(masks, weights, teacher.shape[-2:])
-            loss = loss + self.level_loss(teacher, student, normal, defect)
+            loss = loss + self.pair_loss(teacher, student, normal, defect)
         return loss
