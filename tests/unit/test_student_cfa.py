@@ -12,6 +12,7 @@ from models.backbone.efficientnet_lite import normalize
 from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
 from models.student.cfa import CFAConfig, CFALoss, CFAModel, CFATrainOutput
 from models.student.fpn import SegmentationOutput
+from tests.students import fabric, normal_batch, with_square
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -20,24 +21,6 @@ def tiny_cfa(seed: int = 0, **overrides: object) -> CFAModel:
     torch.manual_seed(seed)
     settings: dict = {"num_classes": 2, "tiny": True, "image_size": 64, "descriptor_dim": 16, "bank_size": 32}
     return CFAModel(CFAConfig(**{**settings, **overrides}))
-
-
-def fabric(rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """A grey weave-like texture, (size, size, 3) uint8."""
-    yy, xx = np.mgrid[:size, :size]
-    weave = 100 + 12 * np.sin(xx * 1.3) * np.sin(yy * 1.3) + rng.normal(0, 4, (size, size))
-    return np.repeat(np.clip(weave, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
-def with_square(image: np.ndarray, top: int = 20, left: int = 24, side: int = 14) -> np.ndarray:
-    image = image.copy()
-    image[top : top + side, left : left + side] = 240
-    return image
-
-
-def normal_batch(count: int, seed: int = 0, size: int = 64) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    return normalize(np.stack([fabric(rng, size) for _ in range(count)]))
 
 
 def test_shapes_in_train_and_eval_mode() -> None:

@@ -11,12 +11,11 @@ import torch
 
 from models.backbone.efficientnet_lite import normalize
 from models.student.anomaly_training import AnomalyTrainConfig, train_anomaly_model
-from models.student.export import export_onnx, onnx_predict, onnx_session
 from models.student.fpn import SegmentationOutput
 from models.student.rd4ad import DistillationOutput
 from models.student.uninet import UniNetConfig, UniNetLoss, UniNetModel
 from models.student.uninet.torch_model import weighted_decision
-from tests.students import settle_batch_norm
+from tests.students import assert_onnx_matches_torch, fabric, normal_batch, settle_batch_norm, with_square
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,24 +30,6 @@ def tiny_uninet(seed: int = 0, **overrides: object) -> UniNetModel:
         "contrast_positions": 32,
     }
     return UniNetModel(UniNetConfig(**{**settings, **overrides}))
-
-
-def fabric(rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """A grey weave-like texture, (size, size, 3) uint8."""
-    yy, xx = np.mgrid[:size, :size]
-    weave = 100 + 12 * np.sin(xx * 1.3) * np.sin(yy * 1.3) + rng.normal(0, 4, (size, size))
-    return np.repeat(np.clip(weave, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
-def with_square(image: np.ndarray, top: int = 20, left: int = 24, side: int = 14) -> np.ndarray:
-    image = image.copy()
-    image[top : top + side, left : left + side] = 240
-    return image
-
-
-def normal_batch(count: int, seed: int = 0) -> torch.Tensor:
-    rng = np.random.default_rng(seed)
-    return normalize(np.stack([fabric(rng) for _ in range(count)]))
 
 
 def square_samples(n_normal: int, n_defect: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -208,13 +189,7 @@ def test_onnx_export_matches_torch(tmp_path: Path) -> None:
             offset.normal_()
     settle_batch_norm(model, normal_batch(8, seed=9))
     model.calibrate(normal_batch(4))
-    path = export_onnx(model, tmp_path / "uninet.onnx")
-    images = np.stack([with_square(fabric(np.random.default_rng(3))), fabric(np.random.default_rng(4))] * 2)
-    with torch.no_grad():
-        expected = model.segment(normalize(images)).numpy()
-    logits = onnx_predict(onnx_session(path, num_threads=1), images)
-    assert logits.shape == expected.shape == (4, 2, 64, 64)
-    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=0)
+    assert_onnx_matches_torch(model, tmp_path / "uninet.onnx", num_outputs=2)
 
 
 def test_margin_term_pushes_labelled_defect_positions_away_from_the_teacher() -> None:
