@@ -50,6 +50,7 @@ MODELS: dict[str, tuple[str, dict, dict]] = {
     "cfa-plain-crops": ("cfa", {}, {"turns_and_jitter": False}),
     "rd4ad": ("rd4ad", {}, {}),
     "rd4ad-plain-crops": ("rd4ad", {}, {"turns_and_jitter": False}),
+    "rd4ad-lr5e-3": ("rd4ad", {}, {"lr": 5e-3}),  # the paper's learning rate (Adam 0.005)
     "uninet": ("uninet", {}, {}),
     "uninet-plain-crops": ("uninet", {}, {"turns_and_jitter": False}),
     "uninet-supervised": ("uninet", {"supervised": True}, {}),
