@@ -279,29 +279,19 @@ class _LineFrame(_Frame):
     density_row: float = float("inf")
     density_factor: float = 1.0
 
-    def to_weave(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _centred(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Frame pixel coordinates relative to the frame's centre, rows after ``density_row`` stretched."""
         y = np.asarray(y, np.float32)
-        r, f = np.float32(self.density_row), np.float32(self.density_factor)
         if np.isfinite(self.density_row):
+            r, f = np.float32(self.density_row), np.float32(self.density_factor)
             y = np.where(y < r, y, r + (y - r) * f).astype(np.float32)
         yc = y - np.float32(self.full[0] / 2)
         xc = np.asarray(x, np.float32) + np.float32(self.origin - self.full[1] / 2)
-        c, s = np.float32(np.cos(self.angle)), np.float32(np.sin(self.angle))
-        u0 = (xc * c + yc * s) / np.float32(self.pitch_u) + np.float32(self.offset[0])
-        v0 = (yc * c - xc * s) / np.float32(self.pitch_v) + np.float32(self.offset[1])
-        du, dv = self._wobble(u0, v0)
-        return u0 + du, v0 + dv
+        return yc, xc
 
-    def to_pixel(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
-        u0, v0 = u, v
-        for _ in range(4):
-            du, dv = self._wobble(u0, v0)
-            u0, v0 = u - du, v - dv
-        xr, yr = (u0 - self.offset[0]) * self.pitch_u, (v0 - self.offset[1]) * self.pitch_v
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        y = yr * c + xr * s + self.full[0] / 2
-        x = xr * c - yr * s + self.full[1] / 2 - self.origin
+    def _uncentred(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of :meth:`_centred`: tile pixel coordinates."""
+        y, x = y + self.full[0] / 2, x + self.full[1] / 2 - self.origin
         if np.isfinite(self.density_row):
             r = self.density_row
             y = np.where(y < r, y, r + (y - r) / self.density_factor)

@@ -218,8 +218,16 @@ class _Frame:
         dv = self.wobble * self.noise(u0 * 0.05 + 71.3, v0 * 0.09 + 13.9)
         return du, dv
 
+    def _centred(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates relative to the point the weave turns about (the image centre)."""
+        return y - self.height / 2, x - self.width / 2
+
+    def _uncentred(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of :meth:`_centred`."""
+        return y + self.height / 2, x + self.width / 2
+
     def to_weave(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        yc, xc = y - self.height / 2, x - self.width / 2
+        yc, xc = self._centred(y, x)
         c, s = np.float32(np.cos(self.angle)), np.float32(np.sin(self.angle))
         u0 = (xc * c + yc * s) / self.pitch_u + self.offset[0]
         v0 = (yc * c - xc * s) / self.pitch_v + self.offset[1]
@@ -235,7 +243,7 @@ class _Frame:
             u0, v0 = u - du, v - dv
         xr, yr = (u0 - self.offset[0]) * self.pitch_u, (v0 - self.offset[1]) * self.pitch_v
         c, s = np.cos(self.angle), np.sin(self.angle)
-        return yr * c + xr * s + self.height / 2, xr * c - yr * s + self.width / 2
+        return self._uncentred(yr * c + xr * s, xr * c - yr * s)
 
     def direction(self, axis: str) -> np.ndarray:
         """Unit (y, x) pixel direction of increasing ``u`` ("u") or ``v`` ("v")."""
