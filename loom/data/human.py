@@ -35,11 +35,12 @@ def human_labeled(
 def human_references(settings: Settings, rows: pd.DataFrame) -> tuple[list, list, list]:
     """People's labels of earlier rounds in ``rows`` (by image id): up to ``teacher_shots`` normal images
     (few-shot references), and the images + masks with named defects (prototypes for naming regions)."""
-    normals, images, masks = [], [], []
-    for row, mask in human_labeled(settings, "train", rows.sort_values("image_id")):
-        if isinstance(row["classes"], str) and row["classes"]:
-            images.append(image_of(settings, row))
-            masks.append(mask)
-        elif len(normals) < settings.round.teacher_shots:
-            normals.append(image_of(settings, row))
+    human = rows[(rows["split"] == "train") & (rows["label_source"] == "human")].sort_values("image_id")
+    named = human["classes"].fillna("") != ""
+    shots = settings.round.teacher_shots
+    normals = [image_of(settings, row) for _, row in human[~named].head(shots).iterrows()]
+    images, masks = [], []
+    for row, mask in human_labeled(settings, "train", human[named]):  # masks of named defects only
+        images.append(image_of(settings, row))
+        masks.append(mask)
     return normals, images, masks
