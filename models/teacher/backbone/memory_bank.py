@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-logger = logging.getLogger(__name__)
+from models.nearest import half_sq_norms, nearest_distances
 
-_MAX_CHUNK_ENTRIES = 2**24  # query rows x centroids per distance chunk (64 MB in float32)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,38 +50,6 @@ class MemoryBankConfig:
     k: int = 3
     temperature: float = 1.0
     seed: int = 0
-
-
-def _half_sq_norms(rows: torch.Tensor) -> torch.Tensor:
-    return 0.5 * rows.square().sum(dim=1)
-
-
-def nearest_distances(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_half_sq_norms: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distances and indices of the k nearest bank rows of every query, ascending.
-
-    Computed in chunks as ||q||^2 - 2 (q.b - ||b||^2 / 2), so at most 2^24 distances exist at a time.
-
-    Args:
-        queries: (N, D) float32.
-        bank: (M, D) float32, M >= k.
-        k: neighbours per query.
-        bank_half_sq_norms: (M,) 0.5 ||b||^2, when the caller keeps them.
-
-    Returns:
-        distances (N, k) float32 and indices (N, k) int64.
-    """
-    half_sq_norms = _half_sq_norms(bank) if bank_half_sq_norms is None else bank_half_sq_norms
-    rows_per_chunk = max(1, _MAX_CHUNK_ENTRIES // max(1, bank.shape[0]))
-    distances, indices = [], []
-    for chunk in queries.split(rows_per_chunk):
-        affinity = torch.addmm(half_sq_norms, chunk, bank.T, alpha=1.0, beta=-1.0)
-        best, where = affinity.topk(k, dim=1)
-        sq_dist = chunk.square().sum(dim=1, keepdim=True) - 2.0 * best
-        distances.append(sq_dist.clamp_(min=0.0).sqrt_())
-        indices.append(where)
-    return torch.cat(distances), torch.cat(indices)
 
 
 class CompressedMemoryBank:
@@ -136,7 +104,7 @@ class CompressedMemoryBank:
 
     def _set_centroids(self, centroids: torch.Tensor) -> None:
         self.centroids = centroids.contiguous()
-        self._half_sq_norms = _half_sq_norms(self.centroids)
+        self._half_sq_norms = half_sq_norms(self.centroids)
 
     @staticmethod
     def _cluster_sums(

@@ -3,8 +3,8 @@
 Everything here is bounded independently of how much of the pool fits in memory at once:
 - `screen_bank`: `screen_bank_size` patches drawn uniformly at random from the whole pool (rows sorted by
   image), with the row ranges each image contributed, so an image can be scored without its own patches;
-- `samples[i]`: up to `patches_per_neighbour` random patches of image i per tile, float16: the rows its
-  neighbours are scored against;
+- `samples[i]`: up to `patches_per_neighbour` random patches of image i (however large it is), float16:
+  the rows its neighbours are scored against;
 - `descriptors[i]`: a description of image i as a whole (the mean of its coarse patch features,
   features.py), which finds an image's nearest neighbours.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.teacher.backbone.memory_bank import nearest_distances
+from models.nearest import half_sq_norms, nearest_distances
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PoolIndex:
     screen_half_sq_norms: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.screen_half_sq_norms = 0.5 * self.screen_bank.square().sum(dim=1)
+        self.screen_half_sq_norms = half_sq_norms(self.screen_bank)
 
 
 class PoolIndexBuilder:

@@ -26,7 +26,8 @@ Combination: patch score = mean of a and b after each is standardised by the med
 pool patches. Chosen by measurement against a alone, b alone and their minimum (BENCHMARKS.md); b alone is
 weaker on a pool of many fabrics, which a pseudo-normal bank covers only thinly.
 
-Maps. Patch scores are bilinearly upsampled to the tile, tiles are blended (models/tiling.py), the map is
+Maps. Patch scores (one stride-8 grid per image, see "Images of any size") are bilinearly upsampled to the
+image, the map is
 Gaussian-smoothed (`smoothing_sigma` pixels) and the image's own median is subtracted: a fabric that is
 merely rare in the pool is raised everywhere, a defect only where it is.
 
@@ -70,10 +71,16 @@ Thresholds, masks and uncertainty (robust statistics, no labels):
 - uncertainty = exp(-0.5 ((score - image_threshold) / sigma)^2), sigma the MAD-sigma of the pool's image
   scores: 1 at the threshold, ~0 a few sigma away, so borderline images are the ones sent to people.
 
-Images of any size: images up to `image_size` on both sides run whole at native size; larger ones are cut
-into `image_size` tiles overlapping by `tile_overlap` (never squashed). Memory is bounded: the fit-time
-feature cache holds at most `feature_cache_mb` (float16; images beyond it are re-extracted when needed),
-the per-image samples `patches_per_neighbour` rows each, distances are computed in chunks.
+Images of any size, at a cost linear in their pixels. Images up to `crop_size` on both sides run whole at
+native size (never squashed); larger ones (line-scan frames, 8192 x 512 and up) are cut into cores of
+`crop_size` that run with `crop_margin` pixels of context, and only the cores' features are kept
+(crops.py): one seamless patch grid per image, no tile borders in the map. What an image is scored
+against never grows with its size: its share of the screening bank is proportional to its patches out of
+a pool-wide `screen_bank_size`, it keeps `patches_per_neighbour` samples however long it is (so the
+neighbour bank is at most `neighbour_images` x `patches_per_neighbour` rows), and the reference bank has
+`memory_bank.size` centroids. Scoring a frame thus costs its patches times a fixed number of rows.
+Memory is bounded: the fit-time feature cache holds at most `feature_cache_mb` (float16; images beyond it
+are re-extracted when needed), distances are computed in chunks (models/nearest.py).
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ from scipy.ndimage import gaussian_filter
 from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
 from models.progress import track
 from models.robust_stats import median_and_sigma
+from models.teacher.backbone.crops import ALIGN, Crop, CropLayout, crop_layout
 from models.teacher.backbone.features import PATCH_STRIDE, TEACHER_STRIDES, PatchFeatureExtractor
 from models.teacher.backbone.memory_bank import CompressedMemoryBank, MemoryBankConfig
 from models.teacher.backbone.pool_index import (
@@ -102,7 +110,6 @@ from models.teacher.backbone.pool_index import (
 )
 from models.teacher.backbone.texture import texture_energy
 from models.teacher.types import TeacherPrediction
-from models.tiling import stitch_tiles, tile_origins
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +124,8 @@ class TeacherConfig:
 
     image_size: int = 256
     batch_size: int = 16
-    tile_overlap: int = 32
+    crop_size: int = 2048
+    crop_margin: int = 128
     seed: int = 0
     pretrained: bool = True
     k: int = 2
@@ -134,25 +142,6 @@ class TeacherConfig:
     global_neighbour_fraction: float = 0.1
     fine_texture: bool = True
     feature_cache_mb: int = 1024
-
-
-@dataclass(frozen=True)
-class _TileLayout:
-    """Where the tiles of one image lie: (top, left) origins and the common tile size."""
-
-    height: int
-    width: int
-    tile_height: int
-    tile_width: int
-    origins: tuple[tuple[int, int], ...]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return math.ceil(self.tile_height / PATCH_STRIDE), math.ceil(self.tile_width / PATCH_STRIDE)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1] * len(self.origins)
 
 
 def _image_key(image: np.ndarray) -> str:
@@ -208,11 +197,10 @@ class BackboneTeacher:
 
     def __init__(self, config: TeacherConfig | None = None):
         self.config = config or TeacherConfig()
-        if (
-            self.config.image_size < PATCH_STRIDE
-            or not 0 <= self.config.tile_overlap < self.config.image_size
-        ):
-            raise ValueError(f"need image_size >= {PATCH_STRIDE} and 0 <= tile_overlap < image_size")
+        if self.config.image_size < PATCH_STRIDE or self.config.batch_size < 1:
+            raise ValueError(f"need image_size >= {PATCH_STRIDE} and batch_size >= 1")
+        if self.config.crop_size < ALIGN or self.config.crop_size % ALIGN or self.config.crop_margin % ALIGN:
+            raise ValueError(f"crop_size and crop_margin must be multiples of {ALIGN} (crop_size >= {ALIGN})")
         if not 0 < self.config.clean_fraction <= 1 or not 0 < self.config.reference_fraction <= 1:
             raise ValueError("clean_fraction and reference_fraction must lie in (0, 1]")
         with torch.random.fork_rng(devices=[]):
@@ -243,40 +231,45 @@ class BackboneTeacher:
         self._feature_cache: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- features
-    def _layout(self, image: np.ndarray) -> _TileLayout:
+    def _layout(self, image: np.ndarray) -> CropLayout:
         height, width = image.shape[:2]
-        tile_h, tile_w = min(self.config.image_size, height), min(self.config.image_size, width)
-        origins = tile_origins(height, width, (tile_h, tile_w), self.config.tile_overlap)
-        return _TileLayout(height, width, tile_h, tile_w, tuple(origins))
+        return crop_layout(height, width, self.config.crop_size, self.config.crop_margin)
 
     @torch.inference_mode()
     def _extract(self, images: Sequence[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (image index, (num_patches, D) float32 patch features, tiles in order) in image order.
+        """Yield (image index, (num_patches, D) float32 patch features, row-major) in image order.
 
-        Tiles of equal size share backbone batches, also across images. Features are rounded through
-        float16, the precision of the cache, so cached and re-extracted features are identical.
+        Crops of equal shape share backbone batches, also across images, up to `batch_size` x
+        `image_size`^2 pixels a batch (at least one crop). Features are rounded through float16, the
+        precision of the cache, so cached and re-extracted features are identical.
         """
         layouts = [self._layout(image) for image in images]
-        queue: list[tuple[int, np.ndarray]] = []  # (image index, tile crop) waiting for the backbone
-        done: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(images))}
+        budget = self.config.batch_size * self.config.image_size**2
+        queue: list[tuple[int, Crop, np.ndarray]] = []  # crops waiting for the backbone
+        grids: dict[int, torch.Tensor] = {}  # image index -> (rows, cols, D) features being filled
+        missing = [len(layout.crops) for layout in layouts]
 
         def run_queue() -> None:
-            features = self._patch_features(normalize(np.stack([crop for _, crop in queue])))
-            for (index, _), feature in zip(queue, features, strict=True):
-                done[index].append(feature.flatten(1).T.half().float())  # (patches, D), row-major
+            features = self._patch_features(normalize(np.stack([pixels for _, _, pixels in queue])))
+            for (index, crop, _), feature in zip(queue, features, strict=True):
+                if index not in grids:
+                    grids[index] = torch.empty(*layouts[index].grid, feature.shape[0])
+                row, col = crop.top // PATCH_STRIDE, crop.left // PATCH_STRIDE
+                core = feature[:, crop.row0 - row : crop.row1 - row, crop.col0 - col : crop.col1 - col]
+                grids[index][crop.row0 : crop.row1, crop.col0 : crop.col1] = core.permute(1, 2, 0)
+                missing[index] -= 1
             queue.clear()
 
         def finished(index: int) -> torch.Tensor:
-            return torch.cat(done.pop(index)).contiguous()
+            return grids.pop(index).flatten(0, 1).half().float()
 
         next_image = 0
         for index, (image, layout) in enumerate(zip(images, layouts, strict=True)):
-            for top, left in layout.origins:
-                crop = image[top : top + layout.tile_height, left : left + layout.tile_width]
-                if queue and (len(queue) == self.config.batch_size or queue[0][1].shape != crop.shape):
+            for crop in layout.crops:
+                if queue and (queue[0][1].shape != crop.shape or (len(queue) + 1) * crop.pixels > budget):
                     run_queue()
-                queue.append((index, crop))
-            while next_image < index and len(done[next_image]) == len(layouts[next_image].origins):
+                queue.append((index, crop, image[crop.top : crop.bottom, crop.left : crop.right]))
+            while next_image < index and missing[next_image] == 0:
                 yield next_image, finished(next_image)
                 next_image += 1
         if queue:
@@ -356,7 +349,7 @@ class BackboneTeacher:
         builder = PoolIndexBuilder(
             patch_counts=[layout.num_patches for layout in layouts],
             keys=keys,
-            samples_per_image=[self.config.patches_per_neighbour * len(layout.origins) for layout in layouts],
+            samples_per_image=[self.config.patches_per_neighbour] * len(pool),
             screen_bank_size=self.config.screen_bank_size,
             seed=self.config.seed,
         )
@@ -530,20 +523,14 @@ class BackboneTeacher:
         self.image_threshold = self.pixel_threshold
 
     # ---------------------------------------------------------------- predict
-    def _to_map(self, layout: _TileLayout, patch_scores: torch.Tensor) -> np.ndarray:
-        """(num_patches,) scores -> upsampled, tiles blended, smoothed, own median subtracted: (H, W)."""
-        tile_maps = F.interpolate(
-            patch_scores.float().view(len(layout.origins), 1, *layout.grid),
-            size=(layout.tile_height, layout.tile_width),
+    def _to_map(self, layout: CropLayout, patch_scores: torch.Tensor) -> np.ndarray:
+        """(num_patches,) scores -> upsampled to the image, smoothed, own median subtracted: (H, W)."""
+        stitched = F.interpolate(
+            patch_scores.float().view(1, 1, *layout.grid),
+            size=(layout.height, layout.width),
             mode="bilinear",
             align_corners=False,
-        ).numpy()
-        if len(tile_maps) == 1:
-            stitched = tile_maps[0, 0]
-        else:
-            stitched = stitch_tiles(
-                list(tile_maps), layout.origins, layout.height, layout.width, self.config.tile_overlap
-            )[0]
+        )[0, 0].numpy()
         if self.config.smoothing_sigma > 0:
             stitched = gaussian_filter(stitched, sigma=self.config.smoothing_sigma, mode="nearest")
         # Relative to the image's own typical level: a fabric that is merely rare in the pool is raised
