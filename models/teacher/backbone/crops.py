@@ -8,6 +8,12 @@ run with `margin` pixels of real image context around it, and only the core's pa
 The features of neighbouring cores then meet on one patch grid, as if the whole image had run at once, and
 the cost is the image's pixels plus the margins (6-9% for 2048-pixel cores with 128-pixel margins).
 
+Along an axis that is cut (a line-scan frame's width), the image's own ends get the same context, mirrored:
+without it the outermost columns meet zero padding and look unlike any other patch, and as each frame keeps
+only a small sample of its patches, the frames' ends would be the strongest responses of every map. An
+axis that is not cut (the frame's height, any side of an image up to `core`) runs as it is, as it always
+has; so images up to `core` on both sides run exactly as before.
+
 Core and crop edges fall on multiples of `ALIGN` (the coarsest feature stride), so every crop's stride-2
 to stride-16 grids line up with the image's and the kept features sit on the image's stride-8 patch grid.
 """
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from models.teacher.backbone.features import PATCH_STRIDE
 
@@ -27,7 +35,8 @@ ALIGN = 16
 class Crop:
     """One backbone input: the pixel box fed to the network and the patch box of the image it fills.
 
-    Pixel box: rows [top, bottom), columns [left, right). Patch box: patch rows [row0, row1) and columns
+    Pixel box: rows [top, bottom), columns [left, right); it may reach beyond the image by a margin at the
+    image's ends (mirrored there, `crop_pixels`). Patch box: patch rows [row0, row1) and columns
     [col0, col1) of the image's patch grid, found at rows [row0 - top / 8, ...) of the crop's own grid.
     """
 
@@ -90,10 +99,12 @@ def crop_layout(height: int, width: int, core: int, margin: int) -> CropLayout:
     if core <= 0 or core % ALIGN or margin < 0 or margin % ALIGN:
         raise ValueError(f"core ({core}) and margin ({margin}) must be positive multiples of {ALIGN}")
     crops = []
+    # An axis that is cut gets context at its own ends too (mirrored); one that is not runs as it is.
+    row_margin, col_margin = (margin if height > core else 0), (margin if width > core else 0)
     for row_start, row_end in _cores(height, core):
         for col_start, col_end in _cores(width, core):
-            top, bottom = max(0, row_start - margin), min(height, row_end + margin)
-            left, right = max(0, col_start - margin), min(width, col_end + margin)
+            top, bottom = row_start - row_margin, row_end + row_margin
+            left, right = col_start - col_margin, col_end + col_margin
             crops.append(
                 Crop(
                     top,
@@ -107,3 +118,16 @@ def crop_layout(height: int, width: int, core: int, margin: int) -> CropLayout:
                 )
             )
     return CropLayout(height, width, tuple(crops))
+
+
+def crop_pixels(image: np.ndarray, crop: Crop) -> np.ndarray:
+    """The crop's pixels (h, w, C): the image inside, mirrored (numpy "reflect") where it reaches beyond."""
+    height, width = image.shape[:2]
+    inside = image[max(crop.top, 0) : min(crop.bottom, height), max(crop.left, 0) : min(crop.right, width)]
+    pads = (
+        (max(0, -crop.top), max(0, crop.bottom - height)),
+        (max(0, -crop.left), max(0, crop.right - width)),
+    )
+    if not any(any(pad) for pad in pads):
+        return inside
+    return np.pad(inside, pads + ((0, 0),) * (image.ndim - 2), mode="reflect")

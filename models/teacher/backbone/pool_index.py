@@ -69,20 +69,35 @@ class PoolIndexBuilder:
         self._samples: list[torch.Tensor] = []
         self._descriptors: list[torch.Tensor] = []
 
-    def add(self, index: int, patches: torch.Tensor, descriptor: torch.Tensor) -> None:
-        """Take what is kept of image `index` (images must come in order): (P_i, D) float32 patches and
-        its (D_desc,) descriptor."""
+    def add(
+        self,
+        index: int,
+        patches: torch.Tensor,
+        descriptor: torch.Tensor,
+        fabric: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Take what is kept of image `index` (images must come in order): (P_i, D) float32 patches, its
+        (D_desc,) descriptor and, for an image with background beyond its fabric, the fabric's patch
+        columns (first, last, columns of the grid): only patches on the fabric enter the banks."""
         if index != len(self._samples):
             raise ValueError(
                 f"pool images must be added in order: expected {len(self._samples)}, got {index}"
             )
+        on_fabric = torch.ones(patches.shape[0], dtype=torch.bool)
+        if fabric is not None:
+            first, last, columns = fabric
+            column = torch.arange(patches.shape[0]) % columns
+            on_fabric = (column >= first) & (column < last)
         lo, hi = np.searchsorted(self._chosen, self._offsets[index : index + 2])
+        chosen = torch.from_numpy(self._chosen[lo:hi] - self._offsets[index])
+        chosen = chosen[on_fabric[chosen]]
         start = sum(part.shape[0] for part in self._screen_parts)
-        self._screen_parts.append(patches[torch.from_numpy(self._chosen[lo:hi] - self._offsets[index])])
+        self._screen_parts.append(patches[chosen])
         # Exact duplicates share a key, so all their rows count as "own": a copy cannot vouch for its twin.
-        self._screen_rows.setdefault(self._keys[index], []).append((start, start + int(hi - lo)))
-        keep = torch.randperm(patches.shape[0], generator=self._generator)[: self._samples_per_image[index]]
-        self._samples.append(patches[keep.sort().values].half())
+        self._screen_rows.setdefault(self._keys[index], []).append((start, start + len(chosen)))
+        fabric_rows = torch.nonzero(on_fabric)[:, 0]
+        keep = torch.randperm(len(fabric_rows), generator=self._generator)[: self._samples_per_image[index]]
+        self._samples.append(patches[fabric_rows[keep.sort().values]].half())
         self._descriptors.append(descriptor)
 
     def build(self) -> PoolIndex:

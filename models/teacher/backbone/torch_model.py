@@ -88,7 +88,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,7 +99,7 @@ from scipy.ndimage import gaussian_filter
 from models.backbone.efficientnet_lite import load_pretrained_lite0, normalize
 from models.progress import track
 from models.robust_stats import median_and_sigma
-from models.teacher.backbone.crops import ALIGN, Crop, CropLayout, crop_layout
+from models.teacher.backbone.crops import ALIGN, Crop, CropLayout, crop_layout, crop_pixels
 from models.teacher.backbone.features import PATCH_STRIDE, TEACHER_STRIDES, PatchFeatureExtractor
 from models.teacher.backbone.memory_bank import CompressedMemoryBank, MemoryBankConfig
 from models.teacher.backbone.pool_index import (
@@ -108,6 +108,7 @@ from models.teacher.backbone.pool_index import (
     neighbour_scores,
     screen_scores,
 )
+from models.teacher.backbone.region import RegionConfig, fabric_columns
 from models.teacher.backbone.texture import texture_energy
 from models.teacher.types import TeacherPrediction
 
@@ -142,6 +143,7 @@ class TeacherConfig:
     global_neighbour_fraction: float = 0.1
     fine_texture: bool = True
     feature_cache_mb: int = 1024
+    region: RegionConfig = field(default_factory=RegionConfig)
 
 
 def _image_key(image: np.ndarray) -> str:
@@ -163,17 +165,19 @@ def _check_images(images: Sequence[np.ndarray], what: str = "image") -> None:
             raise ValueError(f"{what} {index} must be an (H, W, 3) uint8 array, got {described}")
 
 
-def _pixel_sample(maps: Sequence[np.ndarray], seed: int) -> np.ndarray:
-    """Up to 10^6 pixels drawn from `maps`, each map in proportion to its size."""
-    total_pixels = sum(anomaly_map.size for anomaly_map in maps)
+def _pixel_sample(maps: Iterable[np.ndarray], sizes: Sequence[int], seed: int) -> np.ndarray:
+    """About 10^6 pixels drawn from `maps`, one at a time (a generator: none is kept).
+
+    Each map is the fabric part of an image of `sizes[i]` pixels and gives pixels in proportion to that
+    size (fewer where less of the image is fabric).
+    """
+    total_pixels = sum(sizes)
     rng = np.random.default_rng(seed)
-    return np.concatenate(
-        [
-            rng.choice(anomaly_map.ravel(), size=min(anomaly_map.size, max(1, n)), replace=False)
-            for anomaly_map in maps
-            for n in [round(_MAX_PIXEL_SAMPLES * anomaly_map.size / total_pixels)]
-        ]
-    )
+    parts = []
+    for anomaly_map, size in zip(maps, sizes, strict=True):
+        n = round(_MAX_PIXEL_SAMPLES * size / total_pixels)
+        parts.append(rng.choice(anomaly_map.ravel(), size=min(anomaly_map.size, max(1, n)), replace=False))
+    return np.concatenate(parts)
 
 
 @dataclass
@@ -229,6 +233,8 @@ class BackboneTeacher:
         self._pool_descriptors: dict[str, torch.Tensor] = {}
         self._few_shot = False
         self._feature_cache: dict[str, torch.Tensor] = {}
+        # image key -> (first, last, columns): the fabric's patch columns, for images that are not all fabric
+        self._fabric: dict[str, tuple[int, int, int]] = {}
 
     # ---------------------------------------------------------------- features
     def _layout(self, image: np.ndarray) -> CropLayout:
@@ -254,7 +260,7 @@ class BackboneTeacher:
             for (index, crop, _), feature in zip(queue, features, strict=True):
                 if index not in grids:
                     grids[index] = torch.empty(*layouts[index].grid, feature.shape[0])
-                row, col = crop.top // PATCH_STRIDE, crop.left // PATCH_STRIDE
+                row, col = crop.top // PATCH_STRIDE, crop.left // PATCH_STRIDE  # negative: mirrored context
                 core = feature[:, crop.row0 - row : crop.row1 - row, crop.col0 - col : crop.col1 - col]
                 grids[index][crop.row0 : crop.row1, crop.col0 : crop.col1] = core.permute(1, 2, 0)
                 missing[index] -= 1
@@ -268,7 +274,7 @@ class BackboneTeacher:
             for crop in layout.crops:
                 if queue and (queue[0][1].shape != crop.shape or (len(queue) + 1) * crop.pixels > budget):
                     run_queue()
-                queue.append((index, crop, image[crop.top : crop.bottom, crop.left : crop.right]))
+                queue.append((index, crop, crop_pixels(image, crop)))
             while next_image < index and missing[next_image] == 0:
                 yield next_image, finished(next_image)
                 next_image += 1
@@ -286,6 +292,44 @@ class BackboneTeacher:
                 yield self._feature_cache[key].float()
             else:
                 yield next(extracted)[1]
+
+    # ---------------------------------------------------------------- the fabric in a frame
+    def _find_fabric(self, key: str, layout: CropLayout, patches: torch.Tensor) -> None:
+        """Record where the fabric of a newly extracted image lies (region.py); nothing if all of it is."""
+        if key in self._fabric:
+            return
+        first, last = fabric_columns(patches, layout.grid, self.config.region)
+        if (first, last) != (0, layout.grid[1]):
+            self._fabric[key] = (first, last, layout.grid[1])
+
+    def _fabric_rows(self, key: str, count: int) -> torch.Tensor:
+        """(count,) bool: which of the image's `count` patches (row-major) lie on its fabric."""
+        if key not in self._fabric:
+            return torch.ones(count, dtype=torch.bool)
+        first, last, columns = self._fabric[key]
+        column = torch.arange(count) % columns
+        return (column >= first) & (column < last)
+
+    def _inside(self, key: str, rows: torch.Tensor) -> torch.Tensor:
+        """(P, ...) per-patch rows of an image -> those on its fabric (all of them for most images)."""
+        return rows if key not in self._fabric else rows[self._fabric_rows(key, rows.shape[0])]
+
+    def _fabric_pixels(self, key: str, width: int) -> slice:
+        """The image's pixel columns of fabric."""
+        if key not in self._fabric:
+            return slice(0, width)
+        first, last, _ = self._fabric[key]
+        return slice(first * PATCH_STRIDE, min(last * PATCH_STRIDE, width))
+
+    def _describe(self, key: str, patches: torch.Tensor) -> torch.Tensor:
+        """The image's descriptor (features.py) over its fabric only."""
+        return self._patch_features.descriptor(self._inside(key, patches))
+
+    def _extract_new(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> Iterator[torch.Tensor]:
+        """Patch features of images met for the first time, in order, their fabric recorded."""
+        for index, patches in self._extract(images):
+            self._find_fabric(keys[index], self._layout(images[index]), patches)
+            yield patches
 
     # ---------------------------------------------------------------- fit
     def fit(self, pool: Sequence[np.ndarray], normals: Sequence[np.ndarray] = ()) -> None:
@@ -311,20 +355,25 @@ class BackboneTeacher:
         screening = self._screen(pool, keys)
         order = np.argsort(screening, kind="stable")
         clean = order[: max(1, round(self.config.clean_fraction * len(pool)))]
-        normal_features = [features for _, features in self._extract(normals)]
+        normal_features = list(self._extract_new(normals, normal_keys))
         self._set_candidates(clean, normal_keys, normal_features)
         if normals:
-            self._bank = self._fit_bank(normal_features)
+            self._bank = self._fit_bank(
+                [self._inside(key, f) for key, f in zip(normal_keys, normal_features, strict=True)]
+            )
         else:
             references = order[: max(1, round(self.config.reference_fraction * len(pool)))]
             self._bank = self._fit_bank([self._index.samples[int(i)].float() for i in references])
         self._score_pool(pool, keys)
         self._global_stats = self._fit_global_term(normal_keys, normal_features)
-        self._texture_stats = self._fit_texture_term(pool)
+        self._texture_stats = self._fit_texture_term(pool, keys)
         if normals:
-            self._choose_thresholds(self._heldout_normal_maps(normals, normal_keys, normal_features))
+            maps = self._heldout_normal_maps(normals, normal_keys, normal_features)
+            self._choose_thresholds(maps, [image.shape[0] * image.shape[1] for image in normals])
         else:
-            self._choose_thresholds(self._maps(pool, keys))
+            self._choose_thresholds(
+                self._maps(pool, keys), [image.shape[0] * image.shape[1] for image in pool]
+            )
         pool_scores = [
             self._predict_one(image, key, None)[1]
             for image, key in track(zip(pool, keys, strict=True), "teacher image scores", len(pool))
@@ -355,7 +404,8 @@ class BackboneTeacher:
         )
         cache_budget = self.config.feature_cache_mb * 2**20
         for index, patches in track(self._extract(pool), "teacher features", len(pool)):
-            builder.add(index, patches, self._patch_features.descriptor(patches))
+            self._find_fabric(keys[index], layouts[index], patches)
+            builder.add(index, patches, self._describe(keys[index], patches), self._fabric.get(keys[index]))
             if keys[index] not in self._feature_cache and cache_budget >= patches.numel() * 2:
                 self._feature_cache[keys[index]] = patches.half()
                 cache_budget -= patches.numel() * 2
@@ -369,7 +419,8 @@ class BackboneTeacher:
         features = zip(pool, keys, self._iter_features(pool, keys), strict=True)
         for image, key, patches in track(features, "teacher screening", len(pool)):
             patch_scores = screen_scores(self._index, patches, key, self.config.k)
-            scores.append(float(self._to_map(self._layout(image), patch_scores).max()))
+            anomaly_map = self._to_map(self._layout(image), patch_scores, key)
+            scores.append(float(anomaly_map[:, self._fabric_pixels(key, image.shape[1])].max()))
         return np.array(scores)
 
     def _set_candidates(
@@ -382,10 +433,11 @@ class BackboneTeacher:
         samples = [self._index.samples[int(i)] for i in clean]
         descriptors = [self._index.descriptors[int(i)] for i in clean]
         for key, features in zip(normal_keys, normal_features, strict=True):
-            keep = torch.randperm(features.shape[0], generator=generator)[: self.config.patches_per_neighbour]
+            fabric = self._inside(key, features)
+            keep = torch.randperm(fabric.shape[0], generator=generator)[: self.config.patches_per_neighbour]
             keys.append(key)
-            samples.append(features[keep.sort().values].half())
-            descriptors.append(self._patch_features.descriptor(features))
+            samples.append(fabric[keep.sort().values].half())
+            descriptors.append(self._patch_features.descriptor(fabric))
         self._candidates = (keys, samples, torch.stack(descriptors))
 
     def _fit_bank(self, parts: Sequence[torch.Tensor]) -> CompressedMemoryBank:
@@ -403,9 +455,12 @@ class BackboneTeacher:
         for key, patches in track(features, "teacher scoring", len(pool)):
             if key not in self._pool_scores:
                 self._pool_scores[key] = self._raw_scores(patches, key)
-        pooled = list(self._pool_scores.values())
-        neighbour_stats = median_and_sigma(torch.cat([s.neighbour for s in pooled]).numpy())
-        reference_stats = median_and_sigma(torch.cat([s.reference for s in pooled]).numpy())
+        # over the fabric only: background beyond the selvedge is not what fabric scores are measured by
+        pooled = [(key, self._pool_scores[key]) for key in dict.fromkeys(keys)]
+        neighbour = torch.cat([self._inside(key, s.neighbour) for key, s in pooled])
+        reference = torch.cat([self._inside(key, s.reference) for key, s in pooled])
+        neighbour_stats = median_and_sigma(neighbour.numpy())
+        reference_stats = median_and_sigma(reference.numpy())
         self._standardise = (*neighbour_stats, *reference_stats)
 
     @torch.inference_mode()
@@ -426,7 +481,7 @@ class BackboneTeacher:
             chosen = ([self._index.samples[j] for j in rest], self._index.descriptors[rest])
         neighbour = neighbour_scores(
             patches,
-            self._patch_features.descriptor(patches),
+            self._describe(key, patches),
             *chosen,
             self.config.neighbour_images,
             self.config.k,
@@ -447,7 +502,9 @@ class BackboneTeacher:
         if normal_features:
             self._global_reference = (
                 normal_keys,
-                torch.stack([self._patch_features.descriptor(f) for f in normal_features]),
+                torch.stack(
+                    [self._describe(key, f) for key, f in zip(normal_keys, normal_features, strict=True)]
+                ),
             )
         else:
             keys = list(self._pool_descriptors)
@@ -483,48 +540,74 @@ class BackboneTeacher:
         median, sigma = self._global_stats
         return None if gap is None else (gap - median) / sigma
 
-    def _fit_texture_term(self, images: Sequence[np.ndarray]) -> tuple[float, float] | None:
-        """Median and MAD-sigma of the images' texture-energy maxima (None: the term is switched off)."""
+    def _fit_texture_term(self, images: Sequence[np.ndarray], keys: list[str]) -> tuple[float, float] | None:
+        """Median and MAD-sigma of the images' texture-energy maxima on their fabric (None: switched off)."""
         if not self.config.fine_texture:
             return None
-        return median_and_sigma(np.array([texture_energy(image).max() for image in images]))
+        return median_and_sigma(
+            np.array(
+                [
+                    texture_energy(image)[:, self._fabric_pixels(key, image.shape[1])].max()
+                    for image, key in zip(images, keys, strict=True)
+                ]
+            )
+        )
 
     def _heldout_normal_maps(
         self, normals: Sequence[np.ndarray], normal_keys: list[str], normal_features: list[torch.Tensor]
     ) -> list[np.ndarray]:
-        """Maps of the normals, each patch scored by a memory bank fitted without it (see the docstring)."""
+        """Fabric part of the normals' maps, each patch scored by a memory bank fitted without it (see the
+        docstring)."""
         layouts = [self._layout(image) for image in normals]
         if len(normals) == 1:
             features, layout = normal_features[0], layouts[0]
             rows = torch.arange(features.shape[0]) % (layout.grid[0] * layout.grid[1]) // layout.grid[1]
             top = rows < layout.grid[0] // 2
+            key = normal_keys[0]
             if top.all() or not top.any():  # a single patch row cannot be split: score it against itself
-                return [self._to_map(layout, self._combine(self._raw_scores(features, normal_keys[0])))]
+                return [self._fabric_map(layout, self._combine(self._raw_scores(features, key)), key)]
             reference = torch.empty(features.shape[0])
             for held_out in (top, ~top):
-                reference[held_out] = self._fit_bank([features[~held_out]]).score(features[held_out])
-            neighbour = self._raw_scores(features, normal_keys[0]).neighbour
-            return [self._to_map(layout, self._combine(_Scored(neighbour, reference)))]
+                bank = self._fit_bank([features[~held_out & self._fabric_rows(key, features.shape[0])]])
+                reference[held_out] = bank.score(features[held_out])
+            neighbour = self._raw_scores(features, key).neighbour
+            return [self._fabric_map(layout, self._combine(_Scored(neighbour, reference)), key)]
         maps = []
         folds = [list(range(fold, len(normals), _HELDOUT_FOLDS)) for fold in range(_HELDOUT_FOLDS)]
         for fold in folds:
-            bank = self._fit_bank([normal_features[j] for j in range(len(normals)) if j not in fold])
+            bank = self._fit_bank(
+                [
+                    self._inside(normal_keys[j], normal_features[j])
+                    for j in range(len(normals))
+                    if j not in fold
+                ]
+            )
             for j in fold:
                 scored = self._raw_scores(normal_features[j], normal_keys[j], bank)
-                maps.append(self._to_map(layouts[j], self._combine(scored)))
+                maps.append(self._fabric_map(layouts[j], self._combine(scored), normal_keys[j]))
         return maps
 
-    def _choose_thresholds(self, maps: list[np.ndarray]) -> None:
-        """`pixel_threshold` = median + threshold_mads x MAD-sigma of these maps' pixels; image one equal."""
-        median, sigma = median_and_sigma(_pixel_sample(maps, self.config.seed))
+    def _choose_thresholds(self, maps: Iterable[np.ndarray], sizes: Sequence[int]) -> None:
+        """`pixel_threshold` = median + threshold_mads x MAD-sigma of these maps' pixels (the fabric of
+        images of `sizes` pixels, see `_pixel_sample`); image one equal."""
+        median, sigma = median_and_sigma(_pixel_sample(maps, sizes, self.config.seed))
         self._pixel_stats = (median, sigma)
         self.pixel_threshold = median + self.config.threshold_mads * sigma
         # The image score is the map's maximum, so this makes "anomalous" mean "has a non-empty mask".
         self.image_threshold = self.pixel_threshold
 
     # ---------------------------------------------------------------- predict
-    def _to_map(self, layout: CropLayout, patch_scores: torch.Tensor) -> np.ndarray:
-        """(num_patches,) scores -> upsampled to the image, smoothed, own median subtracted: (H, W)."""
+    def _to_map(self, layout: CropLayout, patch_scores: torch.Tensor, key: str | None = None) -> np.ndarray:
+        """(num_patches,) scores -> upsampled to the image, smoothed, own median subtracted: (H, W).
+
+        For an image with background beyond its fabric (`key` given), the scores there are replaced by the
+        fabric's median before upsampling (none bleeds into the fabric), the median is the fabric's, and
+        the map beyond it is 0: the fabric's typical level, never a defect.
+        """
+        fabric = key is not None and key in self._fabric
+        if fabric:
+            inside = self._fabric_rows(key, patch_scores.shape[0])
+            patch_scores = torch.where(inside, patch_scores, patch_scores[inside].median())
         stitched = F.interpolate(
             patch_scores.float().view(1, 1, *layout.grid),
             size=(layout.height, layout.width),
@@ -535,21 +618,37 @@ class BackboneTeacher:
             stitched = gaussian_filter(stitched, sigma=self.config.smoothing_sigma, mode="nearest")
         # Relative to the image's own typical level: a fabric that is merely rare in the pool is raised
         # everywhere, a defect only where it is.
-        return (stitched - np.median(stitched)).astype(np.float32)
+        if not fabric:
+            return (stitched - np.median(stitched)).astype(np.float32)
+        columns = self._fabric_pixels(key, layout.width)
+        anomaly_map = np.zeros_like(stitched, dtype=np.float32)
+        anomaly_map[:, columns] = stitched[:, columns] - np.median(stitched[:, columns])
+        return anomaly_map
 
-    def _maps(self, images: Sequence[np.ndarray], keys: list[str]) -> list[np.ndarray]:
-        """Local anomaly maps (no global term) of `images`; pool members reuse their fit-time scores."""
+    def _fabric_map(self, layout: CropLayout, patch_scores: torch.Tensor, key: str) -> np.ndarray:
+        """The fabric columns of `_to_map`'s map."""
+        return self._to_map(layout, patch_scores, key)[:, self._fabric_pixels(key, layout.width)]
+
+    def _new_features(self, images: Sequence[np.ndarray], keys: list[str]) -> Iterator[torch.Tensor | None]:
+        """Per image in order: None for pool members (scored at fit), else its patch features, extracted
+        now (one image at a time) with its fabric recorded."""
         new = [index for index, key in enumerate(keys) if key not in self._pool_scores]
-        extracted = dict(
-            zip(new, self._iter_features([images[i] for i in new], [keys[i] for i in new]), strict=True)
-        )
-        maps = []
-        for index, (image, key) in enumerate(zip(images, keys, strict=True)):
-            scored = (
-                self._pool_scores[key] if index not in extracted else self._raw_scores(extracted[index], key)
-            )
-            maps.append(self._to_map(self._layout(image), self._combine(scored)))
-        return maps
+        extracted = self._iter_features([images[i] for i in new], [keys[i] for i in new])
+        for image, key in zip(images, keys, strict=True):
+            if key in self._pool_scores:
+                yield None
+                continue
+            patches = next(extracted)
+            self._find_fabric(key, self._layout(image), patches)
+            yield patches
+
+    def _maps(self, images: Sequence[np.ndarray], keys: list[str]) -> Iterator[np.ndarray]:
+        """Fabric part of the local anomaly maps (no global term) of `images`, one at a time; pool members
+        reuse their fit-time scores."""
+        features = self._new_features(images, keys)
+        for image, key, patches in zip(images, keys, features, strict=True):
+            scored = self._pool_scores[key] if patches is None else self._raw_scores(patches, key)
+            yield self._fabric_map(self._layout(image), self._combine(scored), key)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
         """Maps, scores, masks and uncertainties for `images` against the thresholds chosen by `fit`."""
@@ -572,16 +671,15 @@ class BackboneTeacher:
         _check_images(images)
         keys = [_image_key(image) for image in images]
         if update_thresholds and not self._few_shot:
-            self._choose_thresholds(self._maps(images, keys))
-            self._texture_stats = self._fit_texture_term(images)
-        new = [index for index, key in enumerate(keys) if key not in self._pool_scores]
-        extracted = dict(
-            zip(new, self._iter_features([images[i] for i in new], [keys[i] for i in new]), strict=True)
-        )
+            self._choose_thresholds(
+                self._maps(images, keys), [image.shape[0] * image.shape[1] for image in images]
+            )
+            self._texture_stats = self._fit_texture_term(images, keys)
+        features = self._new_features(images, keys)
         results = [
-            self._predict_one(image, key, extracted.get(index))
-            for index, (image, key) in track(
-                enumerate(zip(images, keys, strict=True)), "teacher predict", len(images)
+            self._predict_one(image, key, patches)
+            for image, key, patches in track(
+                zip(images, keys, features, strict=True), "teacher predict", len(images)
             )
         ]
         scores = np.array([score for _, score in results])
@@ -598,21 +696,23 @@ class BackboneTeacher:
         if patches is None:
             scored, descriptor = self._pool_scores[key], self._pool_descriptors[key]
         else:
-            scored, descriptor = self._raw_scores(patches, key), self._patch_features.descriptor(patches)
-        anomaly_map = self._to_map(self._layout(image), self._combine(scored))
+            scored, descriptor = self._raw_scores(patches, key), self._describe(key, patches)
+        anomaly_map = self._to_map(self._layout(image), self._combine(scored), key)
+        fabric = anomaly_map[:, self._fabric_pixels(key, image.shape[1])]  # a view: changed in place
         pixel_median, pixel_sigma = self._pixel_stats
         if self._texture_stats is not None:
             texture_median, texture_sigma = self._texture_stats
-            texture_z = (texture_energy(image) - texture_median) / texture_sigma
-            anomaly_map = np.maximum(anomaly_map, (pixel_median + texture_z * pixel_sigma).astype(np.float32))
-        score = float(anomaly_map.max())
+            texture = texture_energy(image)[:, self._fabric_pixels(key, image.shape[1])]
+            texture_z = (texture - texture_median) / texture_sigma
+            np.maximum(fabric, (pixel_median + texture_z * pixel_sigma).astype(np.float32), out=fabric)
+        score = float(fabric.max())
         global_z = self._global_z(descriptor, key)
         if global_z is not None:
             floor = pixel_median + global_z * pixel_sigma
-            # Anomalous as a whole, more than any local region: the mask covers the image. A large local
+            # Anomalous as a whole, more than any local region: the mask covers the fabric. A large local
             # defect also moves the descriptor, but then its own region stands out more and is the mask.
             if floor >= self.pixel_threshold and floor > score:
-                anomaly_map = np.maximum(anomaly_map, np.float32(floor))
+                np.maximum(fabric, np.float32(floor), out=fabric)
             score = max(score, floor)
         return anomaly_map, score
 
