@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,8 +30,6 @@ SCORES_NAME = "scores.csv"
 SCORE_COLUMNS = ("image", "score", "label", "classes", "error")
 DEFAULT_IMAGE_THRESHOLD = 0.5
 OVERLAY_ALPHA = 0.45
-#: Images read and predicted together by `predict_paths`.
-PREDICT_CHUNK = 8
 
 #: One colour per class index (index 0, background, is never drawn); repeats past the end.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -181,6 +179,10 @@ def predict_paths(
 ) -> Path:
     """Run a saved student over image files and write the prediction layout into ``out_dir``.
 
+    Streams: each image is read when the predictor needs its tiles (tiles of consecutive images share
+    batches, see :func:`models.student.training.iter_predictions`) and its files are written as soon as
+    its result comes; only the scores.csv rows are kept, so memory stays flat over any number of frames.
+
     An unreadable image is logged with a warning naming it, listed in scores.csv with label ``error`` and
     the reason, and skipped; the other images go on.
 
@@ -196,7 +198,7 @@ def predict_paths(
     # Imported here so that writing predictions (e.g. from the teacher) does not load the student code.
     from models.student.checkpoint import read_model_metadata
     from models.student.registry import load_student
-    from models.student.training import predict_images
+    from models.student.training import iter_predictions
 
     model_dir = Path(model_dir)
     model = load_student(model_dir)
@@ -213,33 +215,36 @@ def predict_paths(
     threshold = image_threshold_of(model_dir)
     errors: list[tuple[str, str]] = []
     shown = progress("predict", len(paths))
+    done = 0
+    # (stem, image for the overlay or None) of the images read but not yet written, oldest first: the
+    # predictor pulls a frame or two ahead of its results, so this stays that short.
+    in_flight: deque[tuple[str, np.ndarray | None]] = deque()
 
-    def one_done(done: int) -> None:
+    def one_done() -> None:
+        nonlocal done
+        done += 1
         shown.advance()
         if on_progress is not None:
             on_progress(done)
 
+    def readable_images() -> Iterator[np.ndarray]:
+        # Read lazily: an image is decoded only when the predictor needs its tiles.
+        for path, stem in zip(paths, unique_stems(list(paths)), strict=True):
+            try:
+                image = read_image(path)
+            except ImageReadError as err:
+                logger.warning("%s (skipped)", err)
+                errors.append((stem, str(err)))
+                one_done()
+                continue
+            in_flight.append((stem, image if overlays else None))
+            yield image
+
     def results() -> Iterator[PredictionResult]:
-        # Images are read and predicted a few at a time: batches for speed, bounded memory for big folders.
-        done = 0
-        named = list(zip(paths, unique_stems(list(paths)), strict=True))
-        for first in range(0, len(named), PREDICT_CHUNK):
-            stems, images = [], []
-            for path, stem in named[first : first + PREDICT_CHUNK]:
-                try:
-                    images.append(read_image(path))
-                    stems.append(stem)
-                except ImageReadError as err:
-                    logger.warning("%s (skipped)", err)
-                    errors.append((stem, str(err)))
-                    done += 1
-                    one_done(done)
-            for stem, image, (anomaly_map, mask, score) in zip(
-                stems, images, predict_images(model, images), strict=True
-            ):
-                yield stem, anomaly_map, mask, score, image if overlays else None
-                done += 1  # the yield has returned: this image's files are written
-                one_done(done)
+        for anomaly_map, mask, score in iter_predictions(model, readable_images()):
+            stem, image = in_flight.popleft()  # results come in input order
+            yield stem, anomaly_map, mask, score, image
+            one_done()  # the yield has returned: this image's files are written
 
     with shown:
         write_predictions(out_dir, results(), classes, threshold, errors=errors)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from models.backbone.efficientnet_lite import normalize
 from models.progress import progress
 from models.student.fpn.loss import IGNORE_INDEX, SegmentationLoss
 from models.student.fpn.torch_model import image_score
-from models.tiling import pad_to_min_size, predict_tiled
+from models.tiling import pad_to_min_size, predict_tiled_stream
 
 logger = logging.getLogger(__name__)
 
@@ -355,16 +355,21 @@ def train_segmenter(
 
 
 def _probabilities_fn(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """(B, h, w, 3) uint8 -> (B, K+1, h, w) float32 softmax probabilities, for the tiler."""
+    """(B, h, w, 3) uint8 -> (B, K+1, h, w) float32 softmax probabilities, for the tiler.
+
+    Inference mode is entered per batch, not around the whole prediction: :func:`iter_predictions` is a
+    generator, and a mode entered there would stay on in the caller's code between two images.
+    """
     device = next(model.parameters()).device
 
     def probabilities(batch: np.ndarray) -> np.ndarray:
-        x = normalize(torch.tensor(batch)).to(device)  # a copy: decoded images may be read-only
-        x = x.contiguous(memory_format=torch.channels_last)
-        # `segment` (logits only) skips the eval-mode post-processing whose masks and scores are unused here.
-        output = model.segment(x) if hasattr(model, "segment") else model(x)
-        logits = output if isinstance(output, torch.Tensor) else output.logits
-        return logits.softmax(dim=1).float().cpu().numpy()
+        with torch.inference_mode():
+            x = normalize(torch.tensor(batch)).to(device)  # a copy: decoded images may be read-only
+            x = x.contiguous(memory_format=torch.channels_last)
+            # `segment` (logits only) skips the eval-mode post-processing whose masks and scores are unused.
+            output = model.segment(x) if hasattr(model, "segment") else model(x)
+            logits = output if isinstance(output, torch.Tensor) else output.logits
+            return logits.softmax(dim=1).float().cpu().numpy()
 
     return probabilities
 
@@ -377,6 +382,69 @@ def _summarise(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     return anomaly_map, mask, score
 
 
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"predict_images expects (H, W, 3) uint8 images, got {image.shape} {image.dtype}")
+    return image
+
+
+def iter_predictions(
+    model: nn.Module,
+    images: Iterable[np.ndarray],
+    tile_overlap: int = 32,
+    tile_size: int | None = None,
+    batch_size: int = 8,
+    progress_as: str | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """Segment a stream of images of any size, yielding each result as soon as it is ready.
+
+    Every image goes through one batched tiler (:func:`models.tiling.predict_tiled_stream`): an image that
+    fits in one tile is mirror-padded to the tile (bottom and right) and is one tile; a larger one (a
+    line-scan frame) is cut into overlapping tiles of the model's training size, whose softmax
+    probabilities are stitched before the argmax, so seams do not flip classes. Tiles of consecutive
+    images share batches, images are pulled from ``images`` only as their tiles are needed, and nothing is
+    kept once an image's result is yielded: memory stays flat over any number of frames.
+
+    The padding is what training crops of small images get and what the exported model needs; without
+    it, a 250 x 250 image meets zero padding inside the network where training never did, and the anomaly
+    scorers, calibrated on tile-sized crops, read its border as a defect (BENCHMARKS.md, "Students on
+    conformal-clip-data").
+
+    The model is in eval mode while the generator runs (also between two results) and gets its mode back
+    when the generator ends or is closed.
+
+    Args:
+        model: a segmentation student (eval-mode output may be logits or a ``SegmentationOutput``).
+        images: (H, W, 3) uint8 RGB arrays; any iterable, read lazily.
+        tile_overlap: pixels shared by neighbouring tiles.
+        tile_size: defaults to ``model.config.image_size`` (else 256).
+        batch_size: tiles per forward pass.
+        progress_as: show progress per image under this name (e.g. ``"evaluate"``), with an ETA when
+            ``images`` has a length; None shows nothing, for callers that show their own (``predict_paths``)
+            or predict a few images at a time (the ML backend).
+
+    Yields:
+        Per image, in input order: anomaly map (H, W) float32 = 1 - p(background), class mask (H, W) uint8,
+        image score.
+    """
+    tile = tile_size or getattr(getattr(model, "config", None), "image_size", 256)
+    total = len(images) if isinstance(images, Sized) else None
+    probabilities = _probabilities_fn(to_channels_last(model))
+    was_training = model.training
+    model.eval()
+    shown = progress(progress_as or "predict", total if progress_as else 0)
+    try:
+        with shown:
+            checked = (_check_image(image) for image in images)
+            for probs in predict_tiled_stream(probabilities, checked, tile, tile_overlap, batch_size):
+                result = _summarise(probs)
+                del probs  # (K+1, H, W) float32: not to be held while the caller has the result
+                shown.advance()
+                yield result
+    finally:
+        model.train(was_training)
+
+
 def predict_images(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -385,54 +453,14 @@ def predict_images(
     batch_size: int = 8,
     progress_as: str | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Segment images of any size.
+    """Segment images of any size: all results of :func:`iter_predictions` at once (same arguments).
 
-    Images that fit in one tile are mirror-padded to the tile (bottom and right) and batched; larger
-    ones (line-scan frames) are cut into overlapping tiles of the model's training size, and the tiles'
-    softmax probabilities are stitched before the argmax, so seams do not flip classes. The padding is
-    what training crops of small images get and what the exported model needs; without it, a 250 x 250
-    image meets zero padding inside the network where training never did, and the anomaly scorers,
-    calibrated on tile-sized crops, read its border as a defect (BENCHMARKS.md, "Students on
-    conformal-clip-data").
-
-    Args:
-        model: a segmentation student (eval-mode output may be logits or a ``SegmentationOutput``).
-        images: (H, W, 3) uint8 RGB arrays.
-        tile_overlap: pixels shared by neighbouring tiles.
-        tile_size: defaults to ``model.config.image_size`` (else 256).
-        batch_size: images or tiles per forward pass.
-        progress_as: show progress per image under this name (e.g. ``"evaluate"``); None shows nothing, for
-            callers that predict a few images at a time (the ML backend, ``predict_paths``' chunks).
+    Every image is checked before the first is predicted, so a wrong one fails fast.
 
     Returns:
         Per image, in input order: anomaly map (H, W) float32 = 1 - p(background), class mask (H, W)
         uint8, image score.
     """
-    tile = tile_size or getattr(getattr(model, "config", None), "image_size", 256)
     for image in images:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(
-                f"predict_images expects (H, W, 3) uint8 images, got {image.shape} {image.dtype}"
-            )
-    whole = [index for index, image in enumerate(images) if max(image.shape[:2]) <= tile]
-    tiled = [index for index, image in enumerate(images) if max(image.shape[:2]) > tile]
-
-    probabilities = _probabilities_fn(to_channels_last(model))
-    was_training = model.training
-    model.eval()
-    results: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
-    shown = progress(progress_as or "predict", len(images) if progress_as else 0)
-    with torch.inference_mode(), shown:
-        for first in range(0, len(whole), batch_size):
-            chunk = whole[first : first + batch_size]
-            batch_probs = probabilities(np.stack([pad_to_min_size(images[i], tile, tile) for i in chunk]))
-            for index, probs in zip(chunk, batch_probs, strict=True):
-                height, width = images[index].shape[:2]
-                results[index] = _summarise(probs[:, :height, :width])
-            shown.advance(len(chunk))
-        for index in tiled:
-            probs = predict_tiled(probabilities, images[index], tile, tile_overlap, batch_size=batch_size)
-            results[index] = _summarise(probs)
-            shown.advance()
-    model.train(was_training)
-    return [results[index] for index in range(len(images))]
+        _check_image(image)
+    return list(iter_predictions(model, images, tile_overlap, tile_size, batch_size, progress_as))
