@@ -235,6 +235,11 @@ class BackboneTeacher:
         self._feature_cache: dict[str, torch.Tensor] = {}
         # image key -> (first, last, columns): the fabric's patch columns, for images that are not all fabric
         self._fabric: dict[str, tuple[int, int, int]] = {}
+        # Pool members' local-map and texture maxima, kept so that scoring the pool at fit needs no second
+        # map of each image; and the pool whose maps chose the thresholds (None: the normals' maps did).
+        self._local_max: dict[str, float] = {}
+        self._texture_max: dict[str, float] = {}
+        self._thresholds_from: tuple[str, ...] | None = None
 
     # ---------------------------------------------------------------- features
     def _layout(self, image: np.ndarray) -> CropLayout:
@@ -374,8 +379,9 @@ class BackboneTeacher:
             self._choose_thresholds(
                 self._maps(pool, keys), [image.shape[0] * image.shape[1] for image in pool]
             )
+        self._thresholds_from = None if normals else tuple(keys)
         pool_scores = [
-            self._predict_one(image, key, None)[1]
+            self._pool_image_score(image, key)
             for image, key in track(zip(pool, keys, strict=True), "teacher image scores", len(pool))
         ]
         self._score_sigma = median_and_sigma(np.array(pool_scores))[1]
@@ -544,14 +550,11 @@ class BackboneTeacher:
         """Median and MAD-sigma of the images' texture-energy maxima on their fabric (None: switched off)."""
         if not self.config.fine_texture:
             return None
-        return median_and_sigma(
-            np.array(
-                [
-                    texture_energy(image)[:, self._fabric_pixels(key, image.shape[1])].max()
-                    for image, key in zip(images, keys, strict=True)
-                ]
-            )
-        )
+        for image, key in zip(images, keys, strict=True):
+            if key not in self._texture_max:
+                energy = texture_energy(image)[:, self._fabric_pixels(key, image.shape[1])]
+                self._texture_max[key] = energy.max()
+        return median_and_sigma(np.array([self._texture_max[key] for key in keys]))
 
     def _heldout_normal_maps(
         self, normals: Sequence[np.ndarray], normal_keys: list[str], normal_features: list[torch.Tensor]
@@ -648,7 +651,10 @@ class BackboneTeacher:
         features = self._new_features(images, keys)
         for image, key, patches in zip(images, keys, features, strict=True):
             scored = self._pool_scores[key] if patches is None else self._raw_scores(patches, key)
-            yield self._fabric_map(self._layout(image), self._combine(scored), key)
+            fabric_map = self._fabric_map(self._layout(image), self._combine(scored), key)
+            if patches is None:
+                self._local_max[key] = float(fabric_map.max())
+            yield fabric_map
 
     def predict(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
         """Maps, scores, masks and uncertainties for `images` against the thresholds chosen by `fit`."""
@@ -670,7 +676,8 @@ class BackboneTeacher:
             raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
         _check_images(images)
         keys = [_image_key(image) for image in images]
-        if update_thresholds and not self._few_shot:
+        # The pool that chose the thresholds at fit would choose the same ones again.
+        if update_thresholds and not self._few_shot and tuple(keys) != self._thresholds_from:
             self._choose_thresholds(
                 self._maps(images, keys), [image.shape[0] * image.shape[1] for image in images]
             )
@@ -715,6 +722,25 @@ class BackboneTeacher:
                 np.maximum(fabric, np.float32(floor), out=fabric)
             score = max(score, floor)
         return anomaly_map, score
+
+    def _pool_image_score(self, image: np.ndarray, key: str) -> float:
+        """`_predict_one`'s image score of a pool member, from the maxima of its terms (the maximum of an
+        element-wise maximum is the maximum of the maxima), without a second map where one was made."""
+        assert self._pixel_stats is not None and self.pixel_threshold is not None
+        if key not in self._local_max:
+            fabric_map = self._fabric_map(self._layout(image), self._combine(self._pool_scores[key]), key)
+            self._local_max[key] = float(fabric_map.max())
+        score = self._local_max[key]
+        pixel_median, pixel_sigma = self._pixel_stats
+        if self._texture_stats is not None:
+            texture_median, texture_sigma = self._texture_stats
+            # in float32, as the map is: the same number `_predict_one` finds
+            texture_z = (np.float32(self._texture_max[key]) - texture_median) / texture_sigma
+            score = max(score, float(np.float32(pixel_median + texture_z * pixel_sigma)))
+        global_z = self._global_z(self._pool_descriptors[key], key)
+        if global_z is not None:
+            score = max(score, pixel_median + global_z * pixel_sigma)
+        return score
 
     def _prediction(self, anomaly_map: np.ndarray, score: float) -> TeacherPrediction:
         assert self.image_threshold is not None and self._score_sigma is not None
