@@ -8,11 +8,11 @@ run with `margin` pixels of real image context around it, and only the core's pa
 The features of neighbouring cores then meet on one patch grid, as if the whole image had run at once, and
 the cost is the image's pixels plus the margins (6-9% for 2048-pixel cores with 128-pixel margins).
 
-Along an axis that is cut (a line-scan frame's width), the image's own ends get the same context, mirrored:
-without it the outermost columns meet zero padding and look unlike any other patch, and as each frame keeps
-only a small sample of its patches, the frames' ends would be the strongest responses of every map. An
-axis that is not cut (the frame's height, any side of an image up to `core`) runs as it is, as it always
-has; so images up to `core` on both sides run exactly as before.
+Along an axis longer than `whole` (a line-scan frame's width), the image's own ends get the same context,
+mirrored: without it the outermost columns meet zero padding and look unlike any other patch, and as each
+frame keeps only a small sample of its patches, the frames' ends would be the strongest responses of every
+map. An axis up to `whole` (the frame's height, any side of a square image of the teacher's size) runs as
+it is, as it always has; so images up to `whole` on both sides run exactly as before.
 
 Core and crop edges fall on multiples of `ALIGN` (the coarsest feature stride), so every crop's stride-2
 to stride-16 grids line up with the image's and the kept features sit on the image's stride-8 patch grid.
@@ -87,7 +87,7 @@ def _cores(length: int, core: int) -> list[tuple[int, int]]:
     return [(start, starts[i + 1] if i + 1 < len(starts) else length) for i, start in enumerate(starts)]
 
 
-def crop_layout(height: int, width: int, core: int, margin: int) -> CropLayout:
+def crop_layout(height: int, width: int, core: int, margin: int, whole: int) -> CropLayout:
     """Cut a height x width image into cores of at most `core` pixels a side, each with `margin` pixels
     of context (less at the image's own border).
 
@@ -95,12 +95,13 @@ def crop_layout(height: int, width: int, core: int, margin: int) -> CropLayout:
         height, width: the image's size in pixels.
         core: largest core side; a multiple of `ALIGN`. Images up to `core` on both sides are one crop.
         margin: context kept around each core; a multiple of `ALIGN`.
+        whole: axes up to this length run as they are, with no context beyond the image's ends.
     """
     if core <= 0 or core % ALIGN or margin < 0 or margin % ALIGN:
         raise ValueError(f"core ({core}) and margin ({margin}) must be positive multiples of {ALIGN}")
     crops = []
-    # An axis that is cut gets context at its own ends too (mirrored); one that is not runs as it is.
-    row_margin, col_margin = (margin if height > core else 0), (margin if width > core else 0)
+    # A long axis gets context at its own ends too (mirrored); a short one runs as it is.
+    row_margin, col_margin = (margin if height > whole else 0), (margin if width > whole else 0)
     for row_start, row_end in _cores(height, core):
         for col_start, col_end in _cores(width, core):
             top, bottom = row_start - row_margin, row_end + row_margin

@@ -74,7 +74,8 @@ Thresholds, masks and uncertainty (robust statistics, no labels):
 Images of any size, at a cost linear in their pixels. Images up to `crop_size` on both sides run whole at
 native size (never squashed); larger ones (line-scan frames, 8192 x 512 and up) are cut into cores of
 `crop_size` that run with `crop_margin` pixels of context, and only the cores' features are kept
-(crops.py): one seamless patch grid per image, no tile borders in the map. What an image is scored
+(crops.py): one seamless patch grid per image, no tile borders in the map. A side longer than `image_size`
+also gets that context, mirrored, beyond its own ends, so a frame's ends do not meet zero padding. What an image is scored
 against never grows with its size: its share of the screening bank is proportional to its patches out of
 a pool-wide `screen_bank_size`, it keeps `patches_per_neighbour` samples however long it is (so the
 neighbour bank is at most `neighbour_images` x `patches_per_neighbour` rows), and the reference bank has
@@ -244,7 +245,9 @@ class BackboneTeacher:
     # ---------------------------------------------------------------- features
     def _layout(self, image: np.ndarray) -> CropLayout:
         height, width = image.shape[:2]
-        return crop_layout(height, width, self.config.crop_size, self.config.crop_margin)
+        return crop_layout(
+            height, width, self.config.crop_size, self.config.crop_margin, self.config.image_size
+        )
 
     @torch.inference_mode()
     def _extract(self, images: Sequence[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
