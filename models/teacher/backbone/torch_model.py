@@ -75,11 +75,16 @@ Images of any size, at a cost linear in their pixels. Images up to `crop_size` o
 native size (never squashed); larger ones (line-scan frames, 8192 x 512 and up) are cut into cores of
 `crop_size` that run with `crop_margin` pixels of context, and only the cores' features are kept
 (crops.py): one seamless patch grid per image, no tile borders in the map. A side longer than `image_size`
-also gets that context, mirrored, beyond its own ends, so a frame's ends do not meet zero padding. What an image is scored
-against never grows with its size: its share of the screening bank is proportional to its patches out of
-a pool-wide `screen_bank_size`, it keeps `patches_per_neighbour` samples however long it is (so the
-neighbour bank is at most `neighbour_images` x `patches_per_neighbour` rows), and the reference bank has
-`memory_bank.size` centroids. Scoring a frame thus costs its patches times a fixed number of rows.
+also gets that context, mirrored, beyond its own ends, so a frame's ends do not meet zero padding. What an
+image is scored against never grows with its size: its share of the screening bank is proportional to
+its patches out of a pool-wide `screen_bank_size`, it keeps `patches_per_neighbour` samples however long
+it is (so the neighbour bank is at most `neighbour_images` x `patches_per_neighbour` rows), and the
+reference bank has `memory_bank.size` centroids. Scoring a frame thus costs its patches times a fixed
+number of rows.
+The fabric of a line-scan frame (region.py): where a frame ends in background beyond the selvedge, the
+patches there enter no bank, no statistic and no threshold sample, the map there is 0 (the fabric's typical
+level, never a defect), and the texture and whole-image terms act on the fabric's columns only.
+
 Memory is bounded: the fit-time feature cache holds at most `feature_cache_mb` (float16; images beyond it
 are re-extracted when needed), distances are computed in chunks (models/nearest.py).
 """
