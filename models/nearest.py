@@ -10,9 +10,10 @@ matrix product per chunk and a top-k, so at most 2^24 distances exist at a time.
 
 Backends. "torch" is that hand-written search. "faiss" is faiss's exact flat L2 search (`faiss.knn_L2sqr`,
 the brute force behind `IndexFlatL2`, on as many threads as torch uses). "auto" (the default) takes faiss
-for searches of at least `FAISS_FROM_QUERIES` queries and torch below: side by side on 2 cores
-(BENCHMARKS.md, "Line-scan"), faiss is 1.3-1.9x faster from 16k queries (a line-scan frame, the memory
-bank's k-means) and up to 1.3x slower for the 1k queries of a 256-pixel image. Choose with
+for searches of at least `FAISS_FROM_QUERIES` queries and torch below (BENCHMARKS.md, "Line-scan"):
+faiss is 1.5-1.8x faster from 16k queries (a line-scan frame, the memory bank's k-means) on a quiet
+machine; at the 1k queries of a 256-pixel image it was 1.2-1.6x faster there and up to 1.3x slower in a
+busy run. Searches below the threshold (one square image's patches) run exactly as before. Choose with
 `set_backend(...)` or the environment variable LOOM_KNN_BACKEND (read at import). All return the same
 distances up to float32 rounding (ties may then swap) and count the same work. Approximate indexes (IVF,
 HNSW) are not used: the one measured (HNSW) found 97% of the exact neighbours.
