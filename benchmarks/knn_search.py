@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +41,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from teacher_backbone import cpu_model
 
 from models import nearest
 
@@ -55,17 +57,6 @@ TIE = 3e-5  # float64 distances of two picks closer than this: a tie within floa
 
 #: The two searches compared ("auto", the default, picks between them by size).
 COMPARED = ("torch", "faiss")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def clustered(rows: int, generator: torch.Generator, centres: torch.Tensor) -> torch.Tensor:
