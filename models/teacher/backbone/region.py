@@ -22,7 +22,7 @@ How it is found, on the teacher's own patch features (no extra pass over the pix
 
 The teacher extracts a frame's features with its ends mirrored (crops.py), so its outermost columns look
 like cloth, not like zero padding; a selvedge at the very end of the frame is then found as a step too.
-The mirror flips an oriented weave (a twill's diagonal), which is a step of its own within `window`
+The mirror flips an oriented weave (a twill's diagonal), which is a step of its own within 2 x `window`
 columns of the end, so a step there must pass `end_step_sigmas`.
 Images narrower than `min_columns` patch columns are left whole.
 """
@@ -105,7 +105,7 @@ def fabric_columns(patches: torch.Tensor, grid: tuple[int, int], config: RegionC
     band = math.ceil(columns * config.selvedge)
     first, last = 0, columns
     # The mirror at the frame's ends flips an oriented weave (twill, denim): a step of its own, up to
-    # about 16 sigmas, within a window of the end. A step there must stand out further to be an edge.
+    # about 16 sigmas, within two windows of the end. A step there must stand out further to be an edge.
     strong = step_z > config.step_sigmas
     strong[: 2 * config.window] &= step_z[: 2 * config.window] > config.end_step_sigmas
     strong[-2 * config.window :] &= step_z[-2 * config.window :] > config.end_step_sigmas
