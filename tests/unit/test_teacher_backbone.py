@@ -129,6 +129,37 @@ def test_line_scan_frames_are_cut_not_squashed(pretrained_teacher: BackboneTeach
     assert 44 <= peak_row < 72 and 694 <= peak_col < 722
 
 
+def test_predictions_stream_one_image_at_a_time(pretrained_teacher: BackboneTeacher) -> None:
+    """`iter_predict` yields each prediction as it is made (a caller writing them out holds one map) and
+    gives exactly what `predict` and `predict_pool` give, for pool members and newcomers alike."""
+    images = pool_with_square()
+    pretrained_teacher.fit(images)
+    newcomer = woven(64, 64, seed=4321)
+    newcomer[8:20, 8:20] = 250
+    images = [*images, newcomer]
+    made = []
+    original = pretrained_teacher._predict_one
+
+    def counting(*args: object) -> tuple[np.ndarray, float]:
+        made.append(1)
+        return original(*args)
+
+    pretrained_teacher._predict_one = counting  # type: ignore[method-assign]
+    try:
+        stream = pretrained_teacher.iter_predict(images)
+        first = next(stream)
+        assert len(made) == 1  # nothing is scored ahead of the caller
+        streamed = [first, *stream]
+    finally:
+        del pretrained_teacher._predict_one
+    for predictions in (pretrained_teacher.predict(images), pretrained_teacher.predict_pool(images[:-1])):
+        for a, b in zip(streamed, predictions, strict=False):
+            np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+            np.testing.assert_array_equal(a.mask, b.mask)
+            assert (a.score, a.uncertainty) == (b.score, b.uncertainty)
+    assert streamed[-1].mask[10:18, 10:18].all()
+
+
 def test_cached_and_recomputed_features_agree() -> None:
     images = [woven(64, 64, seed, noise=8.0) for seed in range(6)]
     cached = BackboneTeacher(TeacherConfig(pretrained=False))

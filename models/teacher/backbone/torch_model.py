@@ -85,8 +85,9 @@ The fabric of a line-scan frame (region.py): where a frame ends in background be
 patches there enter no bank, no statistic and no threshold sample, the map there is 0 (the fabric's typical
 level, never a defect), and the texture and whole-image terms act on the fabric's columns only.
 
-Memory is bounded: the fit-time feature cache holds at most `feature_cache_mb` (float16; images beyond it
-are re-extracted when needed), distances are computed in chunks (models/nearest.py).
+Memory is bounded: the fit-time feature cache holds at most `feature_cache_mb` (float16, 6 MB a 4096 x 256
+frame; images beyond it are re-extracted by each of the passes that need them), distances are computed in
+chunks (models/nearest.py), and `iter_predict` yields one image's prediction at a time.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class TeacherConfig:
     global_neighbours: int = 20
     global_neighbour_fraction: float = 0.1
     fine_texture: bool = True
-    feature_cache_mb: int = 1024
+    feature_cache_mb: int = 2048
     region: RegionConfig = field(default_factory=RegionConfig)
 
 
@@ -666,7 +667,19 @@ class BackboneTeacher:
 
     def predict(self, images: Sequence[np.ndarray]) -> list[TeacherPrediction]:
         """Maps, scores, masks and uncertainties for `images` against the thresholds chosen by `fit`."""
-        return self.predict_pool(images, update_thresholds=False)
+        return list(self.iter_predict(images))
+
+    def iter_predict(self, images: Sequence[np.ndarray]) -> Iterator[TeacherPrediction]:
+        """`predict`, one image at a time: each prediction is yielded as soon as it is made, so a caller
+        that writes them out holds one map (4 MB for a 4096 x 256 frame), not one per image."""
+        if self._bank is None:
+            raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
+        _check_images(images)
+        keys = [_image_key(image) for image in images]
+        features = self._new_features(images, keys)
+        pairs = zip(images, keys, features, strict=True)
+        for image, key, patches in track(pairs, "teacher predict", len(images)):
+            yield self._prediction(*self._predict_one(image, key, patches))
 
     def predict_pool(
         self, images: Sequence[np.ndarray], update_thresholds: bool = True
@@ -680,12 +693,14 @@ class BackboneTeacher:
                 from these images' maps; with normals, only the uncertainty scale (the thresholds come
                 from the normals). False keeps those chosen by `fit`.
         """
+        if not update_thresholds:
+            return self.predict(images)
         if self._bank is None:
             raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
         _check_images(images)
         keys = [_image_key(image) for image in images]
         # The pool that chose the thresholds at fit would choose the same ones again.
-        if update_thresholds and not self._few_shot and tuple(keys) != self._thresholds_from:
+        if not self._few_shot and tuple(keys) != self._thresholds_from:
             self._choose_thresholds(
                 self._maps(images, keys), [image.shape[0] * image.shape[1] for image in images]
             )
@@ -697,9 +712,7 @@ class BackboneTeacher:
                 zip(images, keys, features, strict=True), "teacher predict", len(images)
             )
         ]
-        scores = np.array([score for _, score in results])
-        if update_thresholds:
-            self._score_sigma = median_and_sigma(scores)[1]
+        self._score_sigma = median_and_sigma(np.array([score for _, score in results]))[1]
         return [self._prediction(anomaly_map, score) for anomaly_map, score in results]
 
     def _predict_one(
