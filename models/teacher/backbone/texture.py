@@ -24,6 +24,7 @@ def texture_energy(image: np.ndarray, window: int = TEXTURE_WINDOW) -> np.ndarra
     sharper or noisier camera (or fabric) as a whole is not singled out, only the places where the fine
     texture is stronger than elsewhere in the same image.
     """
-    grey = image.astype(np.float32).mean(axis=-1)
+    # the channels' mean as float32 `mean` sums them, without a float copy of the whole image
+    grey = (image[..., 0].astype(np.float32) + image[..., 1] + image[..., 2]) / np.float32(3)
     energy = np.log1p(uniform_filter(laplace(grey) ** 2, size=window, mode="reflect"))
     return (energy - np.median(energy)).astype(np.float32)
