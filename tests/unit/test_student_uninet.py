@@ -308,4 +308,6 @@ def test_short_training_scores_a_bright_square_above_plain_fabric(supervised: bo
         result = model(normalize(np.stack([square, *plains])))
     assert result.score[0] > result.score[1:].max()
     inside = result.anomaly_map[0, 20:34, 24:38].mean()
-    assert inside > result.anomaly_map[1:].amax() and inside > result.anomaly_map[1:].mean() + 0.3
+    # Contrast, not a calibrated level: after 8 epochs the supervised square's mean ranges 0.36-0.4 from
+    # one CPU to another (plain fabric ~0.05-0.1, its brightest pixel ~0.32).
+    assert inside > result.anomaly_map[1:].amax() and inside > 3 * result.anomaly_map[1:].mean()
