@@ -30,11 +30,10 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from linescan_teacher import _frames, _kind_masks, _read
+from linescan_teacher import _frames, _read, per_kind
 from teacher_backbone import cpu_model
 
-from loom.data.imageio import read_mask
-from loom.evaluation.metrics import aupro, image_auroc
+from loom.evaluation.metrics import image_auroc
 from models.student.registry import LOSSES, build_loss, build_student
 from models.student.training import SegmentationSamples, TrainConfig, iter_predictions, train_segmenter
 from models.teacher.backbone import BackboneTeacher, TeacherConfig
@@ -55,30 +54,13 @@ def _evaluate(
     scores: np.ndarray,
     flagged: np.ndarray,
 ) -> dict:
-    classes = len(json.loads((folder / "classes.json").read_text()))
     is_clean = np.array([not meta[stem]["defects"] for stem in stems])
-    row: dict = {
+    return {
         "image_auroc": image_auroc(scores, ~is_clean),
         "clean_flagged": float(flagged[is_clean].mean()),
         "defective_found": float(flagged[~is_clean].mean()),
+        "kinds": per_kind(folder, meta, stems, maps, scores, flagged),
     }
-    kinds: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for index, stem in enumerate(stems):
-        if not is_clean[index]:
-            mask = read_mask(folder / "masks" / f"{stem}.png", classes)
-            for kind, truth in _kind_masks(meta, stem, mask).items():
-                kinds.setdefault(kind, []).append((index, truth))
-    clean = list(np.flatnonzero(is_clean))
-    row["kinds"] = {}
-    for kind, items in sorted(kinds.items()):
-        indices = [index for index, _ in items] + clean
-        truths = [truth for _, truth in items] + [np.zeros(maps[0].shape, bool)] * len(clean)
-        row["kinds"][kind] = {
-            "frames": len(items),
-            "image_auroc": image_auroc(scores[indices], np.array([1] * len(items) + [0] * len(clean))),
-            "aupro": aupro([maps[i] for i in indices], truths, fpr_limit=0.3),
-        }
-    return row
 
 
 def main() -> None:

@@ -109,9 +109,45 @@ def _kind_masks(meta: dict, stem: str, mask: np.ndarray) -> dict[str, np.ndarray
     return out
 
 
-def quality_row(folder: Path, shots: int, limit: int | None, region: bool) -> dict:
+def per_kind(
+    folder: Path,
+    meta: dict,
+    stems: list[str],
+    maps: list[np.ndarray],
+    scores: np.ndarray,
+    flagged: np.ndarray,
+) -> dict[str, dict]:
+    """Per defect kind among `stems` (whose `maps`, image `scores` and `flagged` are given, in order): its
+    frames, image AUROC and AUPRO@0.3 against the clean frames, and the share of its frames flagged."""
     from loom.data.imageio import read_mask
     from loom.evaluation.metrics import aupro, image_auroc
+
+    classes = len(json.loads((folder / "classes.json").read_text()))
+    is_clean = np.array([not meta[stem]["defects"] for stem in stems])
+    kinds: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for index, stem in enumerate(stems):
+        if is_clean[index]:
+            continue
+        mask = read_mask(folder / "masks" / f"{stem}.png", classes)
+        for kind, truth in _kind_masks(meta, stem, mask).items():
+            kinds.setdefault(kind, []).append((index, truth))
+    clean_indices = list(np.flatnonzero(is_clean))
+    rows = {}
+    for kind, items in sorted(kinds.items()):
+        indices = [index for index, _ in items] + clean_indices
+        labels = np.array([1] * len(items) + [0] * len(clean_indices))
+        truths = [truth for _, truth in items] + [np.zeros(maps[0].shape, bool)] * len(clean_indices)
+        rows[kind] = {
+            "frames": len(items),
+            "image_auroc": image_auroc(scores[indices], labels),
+            "aupro": aupro([maps[index] for index in indices], truths, fpr_limit=0.3),
+            "found": float(flagged[[index for index, _ in items]].mean()),
+        }
+    return rows
+
+
+def quality_row(folder: Path, shots: int, limit: int | None, region: bool) -> dict:
+    from loom.evaluation.metrics import image_auroc
     from models.robust_stats import median_and_sigma
 
     stems, meta = _frames(folder)
@@ -127,7 +163,6 @@ def quality_row(folder: Path, shots: int, limit: int | None, region: bool) -> di
     # scores, identically.
     predictions = teacher.predict(pool)
     del pool
-    classes = len(json.loads((folder / "classes.json").read_text()))
     is_clean = np.array([not meta[stem]["defects"] for stem in pool_stems])
     flagged = np.array([p.score >= teacher.image_threshold for p in predictions])
     row["clean_flagged"] = float(flagged[is_clean].mean())
@@ -138,28 +173,8 @@ def quality_row(folder: Path, shots: int, limit: int | None, region: bool) -> di
     at_image_level = scores >= median + 3 * sigma
     row["clean_flagged_image_rule"] = float(at_image_level[is_clean].mean())
     row["defective_found_image_rule"] = float(at_image_level[~is_clean].mean())
-    kinds: dict[str, list[tuple[int, np.ndarray]]] = {}
-    for index, stem in enumerate(pool_stems):
-        if is_clean[index]:
-            continue
-        mask = read_mask(folder / "masks" / f"{stem}.png", classes)
-        for kind, truth in _kind_masks(meta, stem, mask).items():
-            kinds.setdefault(kind, []).append((index, truth))
-    clean_indices = np.flatnonzero(is_clean)
-    shape = predictions[0].anomaly_map.shape
-    per_kind = {}
-    for kind, items in sorted(kinds.items()):
-        indices = [index for index, _ in items] + list(clean_indices)
-        labels = np.array([1] * len(items) + [0] * len(clean_indices))
-        maps = [predictions[index].anomaly_map for index in indices]
-        truths = [truth for _, truth in items] + [np.zeros(shape, bool)] * len(clean_indices)
-        per_kind[kind] = {
-            "frames": len(items),
-            "image_auroc": image_auroc(scores[indices], labels),
-            "aupro": aupro(maps, truths, fpr_limit=0.3),
-            "found": float(flagged[[index for index, _ in items]].mean()),
-        }
-    row["kinds"] = per_kind
+    maps = [prediction.anomaly_map for prediction in predictions]
+    row["kinds"] = per_kind(folder, meta, pool_stems, maps, scores, flagged)
     return row
 
 

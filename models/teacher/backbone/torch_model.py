@@ -672,14 +672,8 @@ class BackboneTeacher:
     def iter_predict(self, images: Sequence[np.ndarray]) -> Iterator[TeacherPrediction]:
         """`predict`, one image at a time: each prediction is yielded as soon as it is made, so a caller
         that writes them out holds one map (4 MB for a 4096 x 256 frame), not one per image."""
-        if self._bank is None:
-            raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
-        _check_images(images)
-        keys = [_image_key(image) for image in images]
-        features = self._new_features(images, keys)
-        pairs = zip(images, keys, features, strict=True)
-        for image, key, patches in track(pairs, "teacher predict", len(images)):
-            yield self._prediction(*self._predict_one(image, key, patches))
+        for anomaly_map, score in self._scored(images, self._checked_keys(images)):
+            yield self._prediction(anomaly_map, score)
 
     def predict_pool(
         self, images: Sequence[np.ndarray], update_thresholds: bool = True
@@ -695,25 +689,30 @@ class BackboneTeacher:
         """
         if not update_thresholds:
             return self.predict(images)
-        if self._bank is None:
-            raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
-        _check_images(images)
-        keys = [_image_key(image) for image in images]
+        keys = self._checked_keys(images)
         # The pool that chose the thresholds at fit would choose the same ones again.
         if not self._few_shot and tuple(keys) != self._thresholds_from:
             self._choose_thresholds(
                 self._maps(images, keys), [image.shape[0] * image.shape[1] for image in images]
             )
             self._texture_stats = self._fit_texture_term(images, keys)
-        features = self._new_features(images, keys)
-        results = [
-            self._predict_one(image, key, patches)
-            for image, key, patches in track(
-                zip(images, keys, features, strict=True), "teacher predict", len(images)
-            )
-        ]
+        results = list(self._scored(images, keys))
         self._score_sigma = median_and_sigma(np.array([score for _, score in results]))[1]
         return [self._prediction(anomaly_map, score) for anomaly_map, score in results]
+
+    def _checked_keys(self, images: Sequence[np.ndarray]) -> list[str]:
+        """Content keys of images to predict, once the teacher is fitted and the images are valid."""
+        if self._bank is None:
+            raise RuntimeError("call fit(pool) (or fit_pool(images)) before predict(images)")
+        _check_images(images)
+        return [_image_key(image) for image in images]
+
+    def _scored(self, images: Sequence[np.ndarray], keys: list[str]) -> Iterator[tuple[np.ndarray, float]]:
+        """`_predict_one`'s map and image score of each image, in order, one at a time."""
+        features = self._new_features(images, keys)
+        pairs = zip(images, keys, features, strict=True)
+        for image, key, patches in track(pairs, "teacher predict", len(images)):
+            yield self._predict_one(image, key, patches)
 
     def _predict_one(
         self, image: np.ndarray, key: str, patches: torch.Tensor | None
