@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
@@ -103,11 +104,12 @@ def test_annotator_clicks_a_defect_in_the_labeling_ui(stack_settings: Settings, 
     browser.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
     WebDriverWait(browser, 30).until(lambda d: "/user/login" not in d.current_url)
     browser.get(f"{url}/projects/{project_id}/data?task={task_id}")
-    image = WebDriverWait(browser, 60).until(
+    # The page re-renders while it loads: an element found a moment ago may be gone, so look again.
+    image = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: next((i for i in d.find_elements(By.CSS_SELECTOR, "img") if _is_task_image(i)), None)
     )
     # The pre-annotation is there: its region, with the teacher's class, in the regions list.
-    regions = WebDriverWait(browser, 30).until(
+    regions = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
         lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".lsf-outliner-item") if e.text]
     )
     assert any(label in r.text for r in regions), [r.text for r in regions]
